@@ -1,0 +1,37 @@
+# memetrain: `make demo` runs the main job on SynthMemes, `make test` the whole suite.
+# Both create (or update) the virtual environment in .venv first.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(INSTALLED)
+	$(BIN)/python launcher/pack.py source=synth count=2000 image_size=224 unlabeled=1000 output=shards/synth
+	$(BIN)/python launcher/inspect_shards.py shards=shards/synth split=train
+
+test: $(INSTALLED)
+	$(BIN)/pytest
+
+test-fast: $(INSTALLED)
+	$(BIN)/pytest -m "not slow"
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check memetrain launcher tests benchmarks
+	$(BIN)/ruff format --check memetrain launcher tests benchmarks
+
+bench: $(INSTALLED)
+	$(BIN)/python benchmarks/data_pipeline.py
+
+clean:
+	rm -rf $(VENV) runs outputs

@@ -1,0 +1,10 @@
+"""Stream one split of packed shards once and report counts, label balance, throughput and a grid.
+
+    python launcher/inspect_shards.py shards=shards/synth split=train
+    python launcher/inspect_shards.py shards=shards/hateful_memes split=dev_seen num_workers=4
+"""
+
+from memetrain.cli import inspect_shards
+
+if __name__ == "__main__":
+    inspect_shards()

@@ -1,0 +1,130 @@
+"""Command-line entry points (Hydra apps over ``configs/``); ``launcher/*.py`` and the console
+scripts both call these. User errors end in one ``error:`` line and exit code 2, not a traceback."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from memetrain.errors import ConfigError, MemetrainError
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+log = logging.getLogger("memetrain")
+
+
+def user_errors_exit(main: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+    """Turn the framework's user-facing errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapped(cfg: DictConfig) -> None:
+        try:
+            main(cfg)
+        except MemetrainError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="pack", version_base="1.3")
+@user_errors_exit
+def pack(cfg: DictConfig) -> None:
+    """Pack a source into WebDataset shards (see ``configs/pack.yaml``)."""
+    from memetrain.data.pack import PackOptions
+    from memetrain.data.pack import pack as run_pack
+    from memetrain.data.sources import SOURCES, build_source
+
+    reserved = {"source", "output", "strict", "overwrite", "workers", "shard", "image", "tokenizer"}
+    source_options = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in reserved}
+    if cfg.source not in SOURCES:
+        raise ConfigError(f"unknown source {cfg.source!r}; choose one of {', '.join(sorted(SOURCES))}")
+    if "input" in source_options and not Path(source_options["input"]).is_dir():
+        raise ConfigError(
+            f"input={source_options['input']} is not a directory; point it at the {cfg.source} data"
+        )
+    source = build_source(cfg.source, **source_options)
+    options = PackOptions(
+        max_samples_per_shard=cfg.shard.max_samples,
+        max_bytes_per_shard=cfg.shard.max_bytes,
+        resize_longest=cfg.image.resize_longest,
+        image_format=cfg.image.format,
+        jpeg_quality=cfg.image.jpeg_quality,
+        workers=cfg.workers,
+        strict=cfg.strict,
+        tokenizer_vocab_size=cfg.tokenizer.vocab_size,
+        overwrite=cfg.overwrite,
+    )
+    summary = run_pack(source, cfg.output, options, source_options)
+    if summary.skipped:
+        print(f"{cfg.output} already holds this pack; nothing to do (overwrite=true redoes it)")
+        return
+    written = ", ".join(f"{split} {count}" for split, count in sorted(summary.written.items()))
+    print(
+        f"packed {sum(summary.written.values())} memes ({written}) into {cfg.output} "
+        f"in {summary.seconds:.1f} s ({summary.memes_per_second:.0f} memes/s)"
+    )
+    if summary.rejected:
+        print(
+            f"rejected {len(summary.rejected)} (all listed under 'rejected' in {cfg.output}/manifest.json):"
+        )
+        for item in summary.rejected[:10]:
+            print(f"  {item['split'] or '-'} / {item['id']}: {item['reason']}")
+        if len(summary.rejected) > 10:
+            print(f"  ... and {len(summary.rejected) - 10} more")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="inspect_shards", version_base="1.3")
+@user_errors_exit
+def inspect_shards(cfg: DictConfig) -> None:
+    """Stream a split once: counts, label balance, throughput, and a grid of the first batch."""
+    import time
+
+    import torch
+    from torchvision.utils import save_image
+
+    from memetrain.data.manifest import Manifest
+    from memetrain.data.stream import MemeStream, StreamSettings
+    from memetrain.data.tokenizer import TextEncoder
+    from memetrain.data.transforms import Resize
+
+    manifest = Manifest.load(cfg.shards)
+    info = manifest.split(cfg.split)
+    print(
+        f"{cfg.shards}: source {manifest.source}, splits "
+        + ", ".join(f"{name} {split.samples}" for name, split in manifest.splits.items())
+        + f"; {len(manifest.rejected)} rejected at pack time"
+    )
+    print(
+        f"{cfg.split}: {len(info.shards)} shards, labels {info.label_histogram}, {info.unlabeled} unlabeled"
+    )
+    encoder = TextEncoder(manifest.root / manifest.tokenizer, cfg.max_length) if manifest.tokenizer else None
+    settings = StreamSettings(batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    stream = MemeStream(cfg.shards, cfg.split, settings, Resize(cfg.image_size), encoder)
+    start, samples, label_counts = time.perf_counter(), 0, torch.zeros(3, dtype=torch.long)
+    for index, batch in enumerate(stream):
+        samples += int(batch["valid"].sum())
+        label_counts += torch.bincount(batch["label"][batch["valid"]] + 1, minlength=3)
+        if index == 0 and cfg.grid:
+            save_image(batch["image"].float() / 255, cfg.grid, nrow=8)
+            print(
+                f"first batch: {tuple(batch['image'].shape)} uint8 images, tokens {tuple(batch['input_ids'].shape)}"
+                if encoder
+                else f"first batch: {tuple(batch['image'].shape)} uint8 images"
+            )
+            print(f"  text[0]: {batch['text'][0]!r}")
+    seconds = time.perf_counter() - start
+    unlabeled, benign, harmful = label_counts.tolist()
+    print(
+        f"streamed {samples} samples in {len(stream)} batches, {seconds:.1f} s ({samples / seconds:.0f} samples/s, "
+        f"{cfg.num_workers} workers); {manifest.main_label}: 0={benign} 1={harmful} unlabeled={unlabeled}; "
+        f"{stream.bad_samples} bad samples"
+    )
+    if cfg.grid:
+        print(f"grid of the first batch: {cfg.grid}")

@@ -1,0 +1,1 @@
+"""The meme data layer: sources -> records -> WebDataset shards -> a resumable stream."""

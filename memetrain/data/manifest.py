@@ -1,0 +1,141 @@
+"""``manifest.json``: what a pack wrote, so a stream can trust (and check) the shards it reads.
+
+The manifest is written last and atomically: a directory without one holds no finished pack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memetrain.errors import MemetrainError
+from memetrain.fileio import atomic_write_json
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(MemetrainError):
+    """The manifest or a shard it lists is missing, malformed or does not match."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    shards: list[ShardInfo] = field(default_factory=list)
+    label_histogram: dict[str, dict[str, int]] = field(default_factory=dict)
+    unlabeled: int = 0
+
+    @property
+    def samples(self) -> int:
+        return sum(shard.samples for shard in self.shards)
+
+
+@dataclass
+class Manifest:
+    source: str
+    label_names: list[str]
+    main_label: str
+    options: dict[str, Any]
+    splits: dict[str, SplitInfo]
+    rejected: list[dict[str, Any]]
+    tokenizer: str | None
+    schema_version: int = SCHEMA_VERSION
+    root: Path | None = field(default=None, compare=False)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Manifest:
+        directory = Path(directory)
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            hint = " (an interrupted pack leaves none: run the pack again)" if directory.is_dir() else ""
+            raise ManifestError(
+                f"no {MANIFEST_NAME} in {directory}{hint}; pack the data with launcher/pack.py"
+            )
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            version = raw.get("schema_version")
+            if version != SCHEMA_VERSION:
+                raise ManifestError(
+                    f"{path} has schema version {version}, this memetrain reads {SCHEMA_VERSION}; re-pack"
+                )
+            splits = {
+                name: SplitInfo(
+                    shards=[ShardInfo(**shard) for shard in split["shards"]],
+                    label_histogram=split["label_histogram"],
+                    unlabeled=split["unlabeled"],
+                )
+                for name, split in raw["splits"].items()
+            }
+            return cls(
+                source=raw["source"],
+                label_names=list(raw["label_names"]),
+                main_label=raw["main_label"],
+                options=raw["options"],
+                splits=splits,
+                rejected=raw["rejected"],
+                tokenizer=raw["tokenizer"],
+                root=directory,
+            )
+        except ManifestError:
+            raise
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ManifestError(
+                f"{path} is not a valid memetrain manifest ({type(err).__name__}: {err})"
+            ) from None
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        payload = asdict(self)
+        payload.pop("root")
+        for split in payload["splits"].values():
+            split["samples"] = sum(shard["samples"] for shard in split["shards"])
+        atomic_write_json(path, payload)
+        return path
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise ManifestError(
+                f"split {name!r} is not in {self.root}/{MANIFEST_NAME}; it has: {', '.join(self.splits) or 'none'}"
+            )
+        return self.splits[name]
+
+    def shard_path(self, shard: ShardInfo) -> Path:
+        assert self.root is not None, "manifest was not loaded from a directory"
+        return self.root / shard.name
+
+    def verify(self, split: str, checksums: bool = True) -> None:
+        """Every shard of ``split`` exists with its recorded size (and sha256 when ``checksums``)."""
+        for shard in self.split(split).shards:
+            path = self.shard_path(shard)
+            if not path.is_file():
+                raise ManifestError(f"shard {path} listed in the manifest is missing; re-pack or restore it")
+            size = path.stat().st_size
+            if size != shard.bytes:
+                raise ManifestError(
+                    f"shard {path} is {size} bytes, the manifest says {shard.bytes}: it is truncated or "
+                    "was replaced; re-pack or restore it"
+                )
+            if checksums and file_sha256(path) != shard.sha256:
+                raise ManifestError(
+                    f"shard {path} does not match its sha256 in the manifest: it is corrupt or was "
+                    "modified; re-pack or restore it"
+                )
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

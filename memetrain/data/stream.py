@@ -1,0 +1,465 @@
+"""Stream packed memes to ready batches: split by rank and worker, shuffled, decoded, resumable.
+
+The pipeline, for one (rank, worker) "slot" and one epoch::
+
+    plan      shard order shuffled from (seed, epoch), identical on every rank; the concatenated
+              samples cut into one contiguous run per slot, each the same number of batches
+    read      the slot's run of tar members, grouped into samples (no decoding, no pickle)
+    shuffle   a buffer of ``shuffle_buffer`` raw samples, seeded from (seed, epoch, slot)
+    batch     ``batch_size`` raw samples at a time
+    decode    image (PIL, JPEG draft mode), text, labels; a bad sample is counted and dropped
+    view      the view of each image, seeded from (seed, epoch, slot, position)
+    collate   uint8 images, token ids, labels, ``valid`` (False for padding in the last batch)
+
+Everything random is a pure function of the seed, the epoch and a position, so a resumed stream
+replays the raw samples it already delivered (cheap: nothing is decoded) and continues with
+exactly the batches an uninterrupted stream would have produced.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import multiprocessing
+import tarfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
+
+from memetrain.data.images import MAX_PIXELS
+from memetrain.data.manifest import Manifest
+from memetrain.data.tokenizer import TextEncoder
+from memetrain.errors import ConfigError, MemetrainError
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+DATA_EXTENSIONS = IMAGE_EXTENSIONS + ("txt", "json", "cls")
+"""Members read; any other extension (pickle, pyd, npy ...) is ignored and never decoded."""
+MAX_MEMBER_BYTES = 64 << 20
+
+
+class StreamError(MemetrainError):
+    """The stream cannot go on: a corrupt shard, too many bad samples, or an impossible plan."""
+
+
+class BadSample(ValueError):
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"sample {key!r}: {reason}")
+        self.key, self.reason = key, reason
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples ``[start, stop)`` of shard ``shard``; ``pad`` marks repeats that fill the last batch."""
+
+    shard: int
+    start: int
+    stop: int
+    pad: bool = False
+
+
+def epoch_plan(
+    shard_sizes: list[int], slots: int, batch_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool
+) -> tuple[int, list[list[Segment]]]:
+    """Batches per slot and each slot's segments for one epoch (``exact`` mode).
+
+    Every slot gets the same number of batches ``b`` so no rank waits on another. Without
+    ``drop_last`` every sample appears once; when fewer than ``slots`` samples are left for the
+    last batches, the slots that would get none repeat a sample marked ``pad`` instead.
+    With ``drop_last`` each slot gets ``b`` full batches and the rest of the epoch is skipped.
+    """
+    total = sum(shard_sizes)
+    order = np.arange(len(shard_sizes))
+    if shuffle:
+        order = np.random.default_rng([seed, epoch, 0]).permutation(len(shard_sizes))
+    if drop_last:
+        batches = total // (slots * batch_size)
+        counts = [batches * batch_size] * slots
+    else:
+        batches = math.ceil(total / (slots * batch_size))
+        last = total - slots * (batches - 1) * batch_size
+        counts = [(batches - 1) * batch_size + last // slots + (k < last % slots) for k in range(slots)]
+    if batches == 0:
+        raise StreamError(
+            f"{total} samples cannot fill one batch of {batch_size} on each of {slots} rank x worker slots; "
+            "lower the batch size or the number of workers, or pack more data"
+        )
+    sequence = [(int(s), 0, shard_sizes[s]) for s in order if shard_sizes[s]]
+    plans, cursor = [], 0
+    for count in counts:
+        real = min(count, total - cursor) if count else 0
+        plans.append(_take(sequence, cursor, real) + _take(sequence, 0, count - real, pad=True))
+        cursor += real
+    return batches, plans
+
+
+def _take(sequence: list[tuple[int, int, int]], begin: int, count: int, pad: bool = False) -> list[Segment]:
+    """Segments for samples ``[begin, begin + count)`` of the concatenated shard sequence."""
+    segments, offset = [], 0
+    for shard, _, size in sequence:
+        lo, hi = max(begin, offset), min(begin + count, offset + size)
+        if lo < hi:
+            segments.append(Segment(shard, lo - offset, hi - offset, pad))
+        offset += size
+        if offset >= begin + count:
+            break
+    return segments
+
+
+def resampled_plan(
+    shard_sizes: list[int], slots: int, batch_size: int, seed: int, epoch: int, slot: int
+) -> tuple[int, list[Segment]]:
+    """``resampled`` mode: whole shards drawn with replacement, a nominal epoch of batches per slot."""
+    total = sum(shard_sizes)
+    batches = max(1, total // (slots * batch_size))
+    rng = np.random.default_rng([seed, epoch, slot, 2])
+    segments, planned = [], 0
+    while planned < batches * batch_size:
+        shard = int(rng.integers(len(shard_sizes)))
+        take = min(shard_sizes[shard], batches * batch_size - planned)
+        segments.append(Segment(shard, 0, take))
+        planned += take
+    return batches, segments
+
+
+def read_samples(path: Path, start: int, stop: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples ``[start, stop)`` of a WebDataset tar as (key, {extension: bytes}).
+
+    Members before ``start`` are skipped by seeking past them (only their headers are read).
+    Nothing is extracted to disk and no member is decoded here.
+    """
+    index, key, members = -1, None, {}
+    try:
+        with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            for info in tar:
+                tar.members = []  # keep memory flat on large shards
+                if not info.isfile():
+                    continue
+                member_key, extension = base_plus_ext(info.name)
+                if member_key is None:
+                    member_key, extension = info.name, ""
+                if member_key != key:
+                    if start <= index < stop:
+                        yield key, members
+                    index, key, members = index + 1, member_key, {}
+                    if index >= stop:
+                        return
+                if index >= start:
+                    members[extension] = _read_member(tar, info)
+            if start <= index < stop:
+                yield key, members
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise StreamError(
+            f"shard {path} is corrupt or truncated near sample {index + 1} ({type(err).__name__}: {err}); "
+            "re-pack it or remove it from the manifest"
+        ) from None
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    if info.size > MAX_MEMBER_BYTES:
+        return b""  # decode() reports the sample; the payload is never held in memory
+    return tar.extractfile(info).read()
+
+
+class SampleDecoder:
+    """Raw tar members to (image tensor, text, labels); anything off raises :class:`BadSample`."""
+
+    def __init__(self, label_names: list[str], main_label: str, decode_size: int | None):
+        self.label_names, self.main_label, self.decode_size = label_names, main_label, decode_size
+        self._warned: set[str] = set()
+
+    def __call__(self, key: str, members: dict[str, bytes]) -> tuple[torch.Tensor, str, list[int]]:
+        path = PurePosixPath(key)
+        if path.is_absolute() or ".." in path.parts:
+            raise BadSample(key, "member path is absolute or climbs out of the shard with '..'; refused")
+        for extension in members:
+            if extension not in DATA_EXTENSIONS and extension not in self._warned:
+                self._warned.add(extension)
+                log.warning(
+                    "shard member %s.%s: extension %r is never decoded (ignored)", key, extension, extension
+                )
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+        if image_ext is None:
+            raise BadSample(key, f"no image member (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+        if "txt" not in members:
+            raise BadSample(key, "no txt member")
+        try:
+            text = members["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadSample(key, "txt member is not valid UTF-8") from None
+        return self._image(key, members[image_ext]), text, self._labels(key, members)
+
+    def _image(self, key: str, data: bytes) -> torch.Tensor:
+        if not data:
+            raise BadSample(key, f"image member is empty or over {MAX_MEMBER_BYTES >> 20} MiB")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                if image.width * image.height > MAX_PIXELS:
+                    raise BadSample(
+                        key, f"image is {image.width}x{image.height}, over the {MAX_PIXELS:,} pixel limit"
+                    )
+                if self.decode_size and image.format == "JPEG":
+                    image.draft("RGB", (self.decode_size, self.decode_size))
+                array = np.asarray(image.convert("RGB"))
+        except BadSample:
+            raise
+        except Exception as err:  # PIL raises many types for corrupt data
+            raise BadSample(key, f"image cannot be decoded ({type(err).__name__}: {err})") from None
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+    def _labels(self, key: str, members: dict[str, bytes]) -> list[int]:
+        """All label values in ``label_names`` order; -1 where unlabeled."""
+        if "json" not in members:
+            raise BadSample(key, "no json member (it holds the labels)")
+        try:
+            labels = json.loads(members["json"]).get("labels", {})
+            values = [labels.get(name, -1) for name in self.label_names]
+        except (ValueError, AttributeError) as err:
+            raise BadSample(key, f"json member is not a valid object ({err})") from None
+        if any(value not in (-1, 0, 1) or isinstance(value, bool) for value in values):
+            raise BadSample(key, f"labels {labels} are not all 0 or 1")
+        return values
+
+
+class _SlotDataset(IterableDataset):
+    """The per-(rank, worker) pipeline; the main process drives it through :class:`MemeStream`."""
+
+    def __init__(self, stream: MemeStream):
+        self.shard_paths = stream.shard_paths
+        self.shard_sizes = stream.shard_sizes
+        self.s = stream.settings
+        self.rank, self.world_size = stream.rank, stream.world_size
+        self.decoder = SampleDecoder(
+            stream.manifest.label_names, stream.manifest.main_label, stream.view.decode_size
+        )
+        self.view, self.text_encoder = stream.view, stream.text_encoder
+        self.main_index = stream.manifest.label_names.index(stream.manifest.main_label)
+        self.epoch, self.skip = stream._shared_epoch, stream._shared_skip
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        epoch, skip = self.epoch.value, self.skip.value
+        delivered = len(range(worker, skip, workers))  # this worker's share of the batches already consumed
+        if self.s.mode == "exact":
+            batches, plans = epoch_plan(
+                self.shard_sizes,
+                slots,
+                self.s.batch_size,
+                self.s.seed,
+                epoch,
+                self.s.shuffle,
+                self.s.drop_last,
+            )
+            segments = plans[slot]
+        else:
+            batches, segments = resampled_plan(
+                self.shard_sizes, slots, self.s.batch_size, self.s.seed, epoch, slot
+            )
+        raw = self._shuffled(self._read(segments), np.random.default_rng([self.s.seed, epoch, slot, 1]))
+        bad = 0
+        for index in range(batches):
+            chunk = [item for _, item in zip(range(self.s.batch_size), raw)]
+            if index < delivered:
+                continue
+            position = index * self.s.batch_size
+            batch, dropped = self._batch(chunk, epoch, slot, position)
+            bad += dropped
+            if bad > self.s.max_bad_samples:
+                raise StreamError(
+                    f"{bad} bad samples on rank {self.rank} worker {worker}, over max_bad_samples="
+                    f"{self.s.max_bad_samples} (see the warnings above for which); fix or re-pack the shards"
+                )
+            yield batch
+
+    def _read(self, segments: list[Segment]) -> Iterator[tuple[str, dict[str, bytes], bool]]:
+        for segment in segments:
+            path = self.shard_paths[segment.shard]
+            for key, members in read_samples(path, segment.start, segment.stop):
+                yield key, members, segment.pad
+
+    def _shuffled(self, items: Iterator, rng: np.random.Generator) -> Iterator:
+        if not self.s.shuffle or self.s.shuffle_buffer <= 1:
+            yield from items
+            return
+        buffer = []
+        for item in items:
+            if len(buffer) < self.s.shuffle_buffer:
+                buffer.append(item)
+                continue
+            pick = int(rng.integers(len(buffer)))
+            buffer[pick], item = item, buffer[pick]
+            yield item
+        for pick in rng.permutation(len(buffer)):
+            yield buffer[pick]
+
+    def _batch(self, chunk: list, epoch: int, slot: int, position: int) -> tuple[dict[str, Any], int]:
+        keys, views, texts, labels, valid, dropped = [], [], [], [], [], 0
+        for offset, (key, members, pad) in enumerate(chunk):
+            try:
+                image, text, values = self.decoder(key, members)
+            except BadSample as bad:
+                log.warning("skipping bad %s", bad)
+                dropped += 1
+                continue
+            rng = np.random.default_rng([self.s.seed, epoch, slot, position + offset])
+            keys.append(key)
+            views.append(self.view(image, rng))
+            texts.append(text)
+            labels.append(values)
+            valid.append(not pad)
+        if not keys:
+            raise StreamError(
+                f"every sample of a batch was bad (first: {chunk[0][0]!r}); the shards need fixing"
+            )
+        batch: dict[str, Any] = {"id": keys, "text": texts, "bad_samples": dropped}
+        if isinstance(views[0], list):
+            batch["views"] = [torch.stack(group) for group in zip(*views)]
+        else:
+            batch["image"] = torch.stack(views)
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        batch["label"] = batch["labels"][:, self.main_index]
+        batch["valid"] = torch.tensor(valid, dtype=torch.bool)
+        if self.text_encoder is not None:
+            ids, mask = self.text_encoder(texts)
+            batch["input_ids"], batch["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+        return batch, dropped
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How a split is streamed; ``configs/data/*.yaml`` documents every field."""
+
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int = 1000
+    mode: str = "exact"
+    drop_last: bool = False
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    pin_memory: bool = False
+    max_bad_samples: int = 10
+    verify_checksums: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("exact", "resampled"):
+            raise ConfigError(f"stream mode {self.mode!r}: choose exact or resampled")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}: must be at least 1")
+
+
+class MemeStream:
+    """Batches of one split for this rank; iterate it once per epoch.
+
+    ``state_dict()`` records the epoch and the batches delivered so far; a new stream given that
+    state continues exactly where this one stopped (same world size and workers required).
+    """
+
+    def __init__(
+        self,
+        shards: str | Path,
+        split: str,
+        settings: StreamSettings,
+        view: Callable,
+        text_encoder: TextEncoder | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        self.manifest = Manifest.load(shards)
+        self.split = split
+        self.manifest.verify(split, checksums=settings.verify_checksums)
+        info = self.manifest.split(split)
+        self.shard_paths = [self.manifest.shard_path(shard) for shard in info.shards]
+        self.shard_sizes = [shard.samples for shard in info.shards]
+        self.num_samples = info.samples
+        self.settings, self.view, self.text_encoder = settings, view, text_encoder
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        self.world_size = world_size or (torch.distributed.get_world_size() if distributed else 1)
+        self.epoch, self.batches_done, self.bad_samples = 0, 0, 0
+        self._shared_epoch = multiprocessing.Value("q", 0)
+        self._shared_skip = multiprocessing.Value("q", 0)
+        self._loader: DataLoader | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * max(1, self.settings.num_workers)
+
+    def __len__(self) -> int:
+        """Batches this rank delivers per epoch."""
+        s = self.settings
+        if s.mode == "exact":
+            batches, _ = epoch_plan(self.shard_sizes, self.slots, s.batch_size, s.seed, 0, False, s.drop_last)
+        else:
+            batches = max(1, self.num_samples // (self.slots * s.batch_size))
+        return batches * max(1, s.num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._shared_epoch.value, self._shared_skip.value = self.epoch, self.batches_done
+        for batch in self._dataloader():
+            self.batches_done += 1
+            self.bad_samples += batch.pop("bad_samples")
+            yield batch
+        self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def _dataloader(self) -> DataLoader:
+        if self._loader is None:
+            s = self.settings
+            workers = s.num_workers > 0
+            self._loader = DataLoader(
+                _SlotDataset(self),
+                batch_size=None,
+                num_workers=s.num_workers,
+                pin_memory=s.pin_memory,
+                persistent_workers=workers,
+                prefetch_factor=s.prefetch_factor if workers else None,
+            )
+        return self._loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "bad_samples": self.bad_samples,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.settings.num_workers,
+            "batch_size": self.settings.batch_size,
+            "seed": self.settings.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise StreamError(
+                f"stream state version {state.get('version')} is not {STATE_VERSION}; cannot resume"
+            )
+        expected = self.state_dict()
+        for name in ("split", "world_size", "num_workers", "batch_size", "seed"):
+            if state[name] != expected[name]:
+                raise StreamError(
+                    f"cannot resume the stream: it was saved with {name}={state[name]!r} and now runs with "
+                    f"{name}={expected[name]!r}; resume with the same value (the sample order depends on it)"
+                )
+        self.epoch, self.batches_done, self.bad_samples = (
+            state["epoch"],
+            state["batches_done"],
+            state["bad_samples"],
+        )

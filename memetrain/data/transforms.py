@@ -1,0 +1,171 @@
+"""Views: what a method sees of one meme image.
+
+A view maps a decoded ``uint8`` image tensor ``[3, H, W]`` and a per-sample ``numpy`` generator to
+one ``uint8`` tensor or a list of them (multi-view methods). Random parameters come only from that
+generator, which the stream seeds from (seed, epoch, slot, position): augmentations are identical
+across worker counts, restarts and resumes, and never touch the global RNGs. Batches stay ``uint8``
+until the device, where :class:`memetrain.models.ImageNormalizer` turns them into floats (4x less
+to copy and pin).
+
+Memes carry their caption at the top and bottom, so the default resize squashes the whole image
+to a square instead of centre-cropping the text away, and no view mirrors the image (mirrored text
+is no longer the text).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+
+from memetrain.errors import ConfigError
+
+Image = torch.Tensor
+
+
+def random_resized_crop_box(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a crop covering ``scale`` of the area at an aspect ratio in ``ratio``.
+
+    Inception-style sampling (as torchvision's RandomResizedCrop): ten tries, then the whole image.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    return 0, 0, height, width
+
+
+def color_jitter(
+    image: Image, rng: np.random.Generator, brightness: float, contrast: float, saturation: float, hue: float
+) -> Image:
+    """Brightness, contrast, saturation and hue jitter in a random order (as torchvision's ColorJitter)."""
+    ops = [
+        (F.adjust_brightness, brightness, 1.0),
+        (F.adjust_contrast, contrast, 1.0),
+        (F.adjust_saturation, saturation, 1.0),
+        (F.adjust_hue, hue, 0.0),
+    ]
+    for index in rng.permutation(len(ops)):
+        op, strength, center = ops[index]
+        if strength > 0:
+            image = op(image, float(rng.uniform(center - strength, center + strength)))
+    return image
+
+
+class Resize:
+    """The whole meme squashed to ``size`` x ``size`` (evaluation and supervised training)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.decode_size = size
+
+    def __call__(self, image: Image, rng: np.random.Generator) -> Image:
+        return F.resize(image, [self.size, self.size], antialias=True)
+
+
+class AssignmentAugment:
+    """The course-assignment augmentation: rotation within +-``degrees``, colour jitter, resize."""
+
+    def __init__(
+        self,
+        size: int,
+        degrees: float = 2.0,
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+        saturation: float = 0.2,
+        hue: float = 0.05,
+    ):
+        self.size, self.degrees = size, degrees
+        self.jitter = dict(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+        self.decode_size = size
+
+    def __call__(self, image: Image, rng: np.random.Generator) -> Image:
+        image = F.resize(image, [self.size, self.size], antialias=True)
+        image = F.rotate(image, float(rng.uniform(-self.degrees, self.degrees)), F.InterpolationMode.BILINEAR)
+        return color_jitter(image, rng, **self.jitter)
+
+
+class _RandomCrops:
+    """Random resized crops with colour jitter and grayscale, as in SimCLR/DINO, without the flip."""
+
+    def __init__(self, jitter_p: float, grayscale_p: float, jitter: tuple[float, float, float, float]):
+        self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
+        self.jitter = dict(zip(("brightness", "contrast", "saturation", "hue"), jitter))
+
+    def crop(self, image: Image, size: int, scale: tuple[float, float], rng: np.random.Generator) -> Image:
+        top, left, h, w = random_resized_crop_box(
+            image.shape[-2], image.shape[-1], scale, (3 / 4, 4 / 3), rng
+        )
+        view = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+        if rng.random() < self.jitter_p:
+            view = color_jitter(view, rng, **self.jitter)
+        if rng.random() < self.grayscale_p:
+            view = F.rgb_to_grayscale(view, num_output_channels=3)
+        return view
+
+
+class TwoViews(_RandomCrops):
+    """Two independent random crops of one meme (CASS, SimCLR-style objectives)."""
+
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.4, 1.0),
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+    ):
+        super().__init__(jitter_p, grayscale_p, tuple(jitter))
+        self.size, self.scale = size, tuple(scale)
+        self.decode_size = size
+
+    def __call__(self, image: Image, rng: np.random.Generator) -> list[Image]:
+        return [self.crop(image, self.size, self.scale, rng) for _ in range(2)]
+
+
+class MultiCrop(_RandomCrops):
+    """DINO multi-crop: 2 global crops (``global_scale``) and ``local_crops`` small ones (``local_scale``).
+
+    Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (2021), sec. 3.1.
+    """
+
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        local_crops: int = 6,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+    ):
+        super().__init__(jitter_p, grayscale_p, tuple(jitter))
+        self.global_size, self.local_size, self.local_crops = global_size, local_size, local_crops
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.decode_size = global_size
+
+    def __call__(self, image: Image, rng: np.random.Generator) -> list[Image]:
+        views = [self.crop(image, self.global_size, self.global_scale, rng) for _ in range(2)]
+        views += [self.crop(image, self.local_size, self.local_scale, rng) for _ in range(self.local_crops)]
+        return views
+
+
+VIEWS = {"resize": Resize, "assignment": AssignmentAugment, "two_views": TwoViews, "multicrop": MultiCrop}
+
+
+def build_view(name: str, **options) -> Resize | AssignmentAugment | TwoViews | MultiCrop:
+    if name not in VIEWS:
+        raise ConfigError(f"unknown view {name!r}; choose one of {', '.join(VIEWS)}")
+    return VIEWS[name](**options)
