@@ -90,7 +90,9 @@ def epoch_plan(
     else:
         batches = math.ceil(total / (slots * batch_size))
         last = total - slots * (batches - 1) * batch_size
-        counts = [(batches - 1) * batch_size + last // slots + (k < last % slots) for k in range(slots)]
+        counts = [
+            (batches - 1) * batch_size + max(1, last // slots + (k < last % slots)) for k in range(slots)
+        ]
     if batches == 0:
         raise StreamError(
             f"{total} samples cannot fill one batch of {batch_size} on each of {slots} rank x worker slots; "
@@ -252,9 +254,12 @@ class _SlotDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        slot, slots = self.rank * workers + worker, self.world_size * workers
         epoch, skip = self.epoch.value, self.skip.value
+        workers = info.num_workers if info else 1
+        # The loader takes batch t from worker t % workers, starting at worker 0; after ``skip``
+        # batches the next one is due from logical worker skip % workers, so rotate the ids.
+        worker = ((info.id if info else 0) + skip) % workers
+        slot, slots = self.rank * workers + worker, self.world_size * workers
         delivered = len(range(worker, skip, workers))  # this worker's share of the batches already consumed
         if self.s.mode == "exact":
             batches, plans = epoch_plan(

@@ -1,0 +1,325 @@
+"""The stream: plans, rank/worker coverage, determinism, exact resume, bad samples, safety."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memetrain.data.manifest import Manifest, ManifestError
+from memetrain.data.stream import MemeStream, StreamError, StreamSettings, epoch_plan
+from memetrain.data.tokenizer import TextEncoder
+from memetrain.data.transforms import Resize
+from tests.helpers import free_port
+
+
+def stream(shards: Path, split: str = "train", view=None, **settings) -> MemeStream:
+    settings.setdefault("batch_size", 8)
+    settings.setdefault("num_workers", 0)
+    rank, world_size = settings.pop("rank", 0), settings.pop("world_size", 1)
+    return MemeStream(
+        shards, split, StreamSettings(**settings), view or Resize(32), rank=rank, world_size=world_size
+    )
+
+
+def ids_of(batches) -> list[str]:
+    return [key for batch in batches for key, valid in zip(batch["id"], batch["valid"]) if valid]
+
+
+# plan -------------------------------------------------------------------------------------------
+
+
+def expand(plan) -> list[tuple[int, int, bool]]:
+    return [(seg.shard, index, seg.pad) for seg in plan for index in range(seg.start, seg.stop)]
+
+
+@pytest.mark.parametrize("sizes", [[40, 40, 40, 13], [7], [3, 0, 5], [100] * 9])
+@pytest.mark.parametrize("slots", [1, 2, 4, 6])
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_exact_plan_gives_every_sample_once_and_every_slot_the_same_batches(sizes, slots, batch_size):
+    total = sum(sizes)
+    if total < slots:
+        pytest.skip("fewer samples than slots")
+    batches, plans = epoch_plan(sizes, slots, batch_size, seed=3, epoch=1, shuffle=True, drop_last=False)
+    real = [sample[:2] for plan in plans for sample in expand(plan) if not sample[2]]
+    assert sorted(real) == sorted((s, i) for s, n in enumerate(sizes) for i in range(n))
+    for plan in plans:
+        count = len(expand(plan))
+        assert (batches - 1) * batch_size < count <= batches * batch_size
+    pads = sum(sample[2] for plan in plans for sample in expand(plan))
+    assert pads < slots
+
+
+def test_drop_last_plan_gives_full_batches_only():
+    batches, plans = epoch_plan([50, 50, 23], 4, 8, seed=0, epoch=0, shuffle=True, drop_last=True)
+    assert batches == 3
+    assert all(len(expand(plan)) == 24 for plan in plans)
+    assert not any(seg.pad for plan in plans for seg in plan)
+
+
+def test_plan_shuffles_shards_per_epoch_identically_everywhere():
+    first = epoch_plan([10] * 8, 2, 4, seed=1, epoch=0, shuffle=True, drop_last=False)
+    again = epoch_plan([10] * 8, 2, 4, seed=1, epoch=0, shuffle=True, drop_last=False)
+    other = epoch_plan([10] * 8, 2, 4, seed=1, epoch=1, shuffle=True, drop_last=False)
+    assert first == again and first != other
+
+
+def test_plan_that_cannot_fill_a_batch_is_an_error():
+    with pytest.raises(StreamError, match="cannot fill one batch"):
+        epoch_plan([5], 4, 8, seed=0, epoch=0, shuffle=False, drop_last=True)
+
+
+# streaming --------------------------------------------------------------------------------------
+
+
+def test_one_epoch_yields_every_sample_of_the_split_once(synth_shards):
+    split = Manifest.load(synth_shards).split("train")
+    s = stream(synth_shards, batch_size=16, num_workers=2)
+    batches = list(s)
+    ids = ids_of(batches)
+    assert len(ids) == split.samples == len(set(ids))
+    assert len(batches) == len(s)
+    batch = batches[0]
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, 32, 32)
+    assert batch["label"].tolist() == batch["labels"][:, 0].tolist()
+    assert set(batch["label"].tolist()) <= {0, 1}
+    assert s.epoch == 1 and s.batches_done == 0
+
+
+@pytest.mark.parametrize(("world_size", "workers"), [(2, 0), (2, 2), (3, 2)])
+def test_ranks_and_workers_cover_the_split_disjointly_with_equal_batch_counts(
+    synth_shards, world_size, workers
+):
+    per_rank = [
+        list(stream(synth_shards, batch_size=8, num_workers=workers, rank=r, world_size=world_size))
+        for r in range(world_size)
+    ]
+    assert len({len(batches) for batches in per_rank}) == 1
+    ids = [key for batches in per_rank for key in ids_of(batches)]
+    assert Counter(ids).most_common(1)[0][1] == 1
+    assert len(ids) == Manifest.load(synth_shards).split("train").samples
+
+
+def test_unlabeled_split_has_label_minus_one(synth_shards):
+    batch = next(iter(stream(synth_shards, "unlabeled")))
+    assert (batch["label"] == -1).all()
+
+
+def test_same_seed_same_batches_other_seed_or_epoch_other_order(synth_shards):
+    first = list(stream(synth_shards, num_workers=2, seed=5))
+    again = list(stream(synth_shards, num_workers=2, seed=5))
+    assert ids_of(first) == ids_of(again)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
+    assert ids_of(first) != ids_of(stream(synth_shards, num_workers=2, seed=6))
+    two_epochs = stream(synth_shards, num_workers=2, seed=5)
+    assert ids_of(list(two_epochs)) == ids_of(first)
+    assert ids_of(list(two_epochs)) != ids_of(first)
+
+
+def test_worker_count_does_not_change_the_augmentation_of_a_sample(synth_shards):
+    """Augmentation is seeded per (seed, epoch, slot, position), not by process state."""
+    from memetrain.data.transforms import AssignmentAugment
+
+    a = list(stream(synth_shards, view=AssignmentAugment(32), num_workers=2, shuffle=False))
+    b = list(stream(synth_shards, view=AssignmentAugment(32), num_workers=2, shuffle=False))
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize(("workers", "consumed"), [(0, 3), (2, 3), (2, 4), (3, 7)])
+def test_resume_continues_exactly_where_an_uninterrupted_stream_goes(synth_shards, workers, consumed):
+    settings = dict(batch_size=8, num_workers=workers, seed=11, shuffle_buffer=20)
+    reference = stream(synth_shards, **settings)
+    uninterrupted = list(reference) + list(reference)  # two epochs
+
+    first = stream(synth_shards, **settings)
+    head = [batch for _, batch in zip(range(consumed), first)]
+    state = first.state_dict()
+    resumed = stream(synth_shards, **settings)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    combined = head + list(resumed) + list(resumed)  # the rest of epoch 0, then epoch 1
+    assert len(combined) == len(uninterrupted)
+    assert ids_of(combined) == ids_of(uninterrupted)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(combined, uninterrupted))
+
+
+def test_resume_under_another_world_size_or_worker_count_is_refused(synth_shards):
+    state = stream(synth_shards, num_workers=2).state_dict()
+    with pytest.raises(StreamError, match="world_size=1.*world_size=2"):
+        stream(synth_shards, num_workers=2, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(StreamError, match="num_workers"):
+        stream(synth_shards, num_workers=3).load_state_dict(state)
+
+
+def test_text_encoder_from_the_packed_tokenizer(synth_shards):
+    encoder = TextEncoder(synth_shards / "tokenizer.json", max_length=24)
+    s = MemeStream(synth_shards, "dev", StreamSettings(batch_size=4, num_workers=0), Resize(32), encoder)
+    batch = next(iter(s))
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 24)
+    assert (batch["input_ids"][:, 0] == encoder._fast.token_to_id("[CLS]")).all()
+    assert encoder._fast.token_to_id("[UNK]") not in batch["input_ids"][0, 1:6].tolist()
+
+
+# bad shards and samples -------------------------------------------------------------------------
+
+
+def copy_pack(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def rewrite_shard(root: Path, split: str, edit) -> None:
+    """Rewrite the first shard of ``split`` with ``edit(members) -> members`` and fix the manifest."""
+    from memetrain.data.manifest import file_sha256
+
+    manifest = Manifest.load(root)
+    shard = manifest.split(split).shards[0]
+    path = root / shard.name
+    with tarfile.open(path) as tar:
+        members = [(info.name, tar.extractfile(info).read()) for info in tar.getmembers()]
+    members = edit(members)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = json.loads((root / "manifest.json").read_text())
+    for item in raw["splits"][split]["shards"]:
+        if item["name"] == shard.name:
+            item["bytes"], item["sha256"] = path.stat().st_size, file_sha256(path)
+    (root / "manifest.json").write_text(json.dumps(raw))
+
+
+def test_corrupt_images_are_counted_logged_and_dropped(synth_shards, tmp_path, caplog):
+    root = copy_pack(synth_shards, tmp_path / "copy")
+
+    def corrupt_two(members):
+        images = [i for i, (name, _) in enumerate(members) if name.endswith(".jpg")]
+        for i in images[:2]:
+            members[i] = (members[i][0], b"\xff\xd8\xff garbage")
+        return members
+
+    rewrite_shard(root, "dev", corrupt_two)
+    total = Manifest.load(root).split("dev").samples
+    s = stream(root, "dev", batch_size=4, max_bad_samples=2)
+    with caplog.at_level(logging.WARNING):
+        ids = ids_of(list(s))
+    assert len(ids) == total - 2 and s.bad_samples == 2
+    assert "image cannot be decoded" in caplog.text and "synth" in caplog.text
+    with pytest.raises(StreamError, match="over max_bad_samples=1"):
+        list(stream(root, "dev", batch_size=4, max_bad_samples=1))
+
+
+def test_members_with_foreign_extensions_are_never_decoded(synth_shards, tmp_path, caplog):
+    root = copy_pack(synth_shards, tmp_path / "copy")
+    marker = tmp_path / "pwned"
+    payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."  # a pickle that runs a command
+
+    def add_pickles(members):
+        first_key = members[0][0].split(".")[0]
+        return [(f"{first_key}.pickle", payload), (f"{first_key}.pyd", b"MZ")] + members
+
+    rewrite_shard(root, "dev", add_pickles)
+    with caplog.at_level(logging.WARNING):
+        ids = ids_of(list(stream(root, "dev", batch_size=4)))
+    assert len(ids) == Manifest.load(root).split("dev").samples
+    assert not marker.exists()
+    assert "'pickle' is never decoded" in caplog.text
+
+
+def test_member_paths_that_climb_out_are_bad_samples(synth_shards, tmp_path):
+    root = copy_pack(synth_shards, tmp_path / "copy")
+
+    def climb(members):
+        key = members[0][0].split(".")[0]
+        return [
+            (name.replace(key, "../../evil") if name.startswith(key) else name, data)
+            for name, data in members
+        ]
+
+    rewrite_shard(root, "dev", climb)
+    s = stream(root, "dev", batch_size=4)
+    ids = ids_of(list(s))
+    assert s.bad_samples == 1 and not any(".." in key for key in ids)
+
+
+def test_manifest_checks_refuse_modified_missing_and_truncated_shards(synth_shards, tmp_path):
+    root = copy_pack(synth_shards, tmp_path / "copy")
+    shard = root / Manifest.load(root).split("dev").shards[0].name
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="does not match its sha256"):
+        stream(root, "dev")
+    shard.write_bytes(bytes(data[:-1024]))
+    with pytest.raises(ManifestError, match="truncated"):
+        stream(root, "dev")
+    shard.unlink()
+    with pytest.raises(ManifestError, match="is missing"):
+        stream(root, "dev")
+    with pytest.raises(ManifestError, match="split 'nope' is not in"):
+        stream(root, "nope")
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        stream(tmp_path / "empty")
+
+
+def test_truncated_shard_without_checks_is_a_stream_error(synth_shards, tmp_path):
+    root = copy_pack(synth_shards, tmp_path / "copy")
+    shard = root / Manifest.load(root).split("dev").shards[0].name
+    shard.write_bytes(shard.read_bytes()[:5000])
+    raw = json.loads((root / "manifest.json").read_text())
+    raw["splits"]["dev"]["shards"][0]["bytes"] = 5000  # a manifest that agrees: only reading can tell
+    (root / "manifest.json").write_text(json.dumps(raw))
+    s = MemeStream(
+        root, "dev", StreamSettings(batch_size=4, num_workers=0, verify_checksums=False), Resize(32)
+    )
+    with pytest.raises((StreamError, ManifestError), match="truncated"):
+        list(s)
+
+
+def test_views_are_deterministic_in_their_generator():
+    from memetrain.data.transforms import AssignmentAugment, MultiCrop, TwoViews
+
+    image = torch.randint(0, 256, (3, 80, 60), dtype=torch.uint8)
+    for view in (AssignmentAugment(32), TwoViews(32), MultiCrop(48, 16, local_crops=3)):
+        a = view(image, np.random.default_rng(1))
+        b = view(image, np.random.default_rng(1))
+        c = view(image, np.random.default_rng(2))
+        a, b, c = (x if isinstance(x, list) else [x] for x in (a, b, c))
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    crops = MultiCrop(48, 16, local_crops=3)(image, np.random.default_rng(0))
+    assert [tuple(c.shape) for c in crops] == [(3, 48, 48)] * 2 + [(3, 16, 16)] * 3
+
+
+@pytest.mark.slow
+def test_two_real_torchrun_ranks_split_the_epoch(synth_shards, tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("stream_rank_script.py")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    result = subprocess.run(
+        [*command, str(script), str(synth_shards), str(tmp_path)], capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["batches"] == ranks[1]["batches"]
+    assert not set(ranks[0]["ids"]) & set(ranks[1]["ids"])
+    assert len(ranks[0]["ids"]) + len(ranks[1]["ids"]) == Manifest.load(synth_shards).split("train").samples
