@@ -18,6 +18,7 @@ exactly the batches an uninterrupted stream would have produced.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -25,7 +26,7 @@ import math
 import multiprocessing
 import tarfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -136,12 +137,19 @@ def resampled_plan(
     return batches, segments
 
 
-def read_samples(path: Path, start: int, stop: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples ``[start, stop)`` of a WebDataset tar as (key, {extension: bytes}).
+def read_samples(
+    path: Path, positions: Sequence[int], extensions: frozenset[str] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples at ``positions`` (ascending) of a WebDataset tar as (key, {extension: bytes}).
 
-    Members before ``start`` are skipped by seeking past them (only their headers are read).
-    Nothing is extracted to disk and no member is decoded here.
+    Members of other samples, and members whose extension is not in ``extensions`` (when given),
+    are skipped by seeking past them: only their headers are read. Nothing is extracted to disk
+    and nothing is decoded here.
     """
+    if not len(positions):
+        return
+    wanted = iter(positions)
+    target, stop = next(wanted), positions[-1] + 1
     index, key, members = -1, None, {}
     try:
         with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
@@ -153,14 +161,15 @@ def read_samples(path: Path, start: int, stop: int) -> Iterator[tuple[str, dict[
                 if member_key is None:
                     member_key, extension = info.name, ""
                 if member_key != key:
-                    if start <= index < stop:
+                    if index == target:
                         yield key, members
+                        target = next(wanted, stop)
                     index, key, members = index + 1, member_key, {}
                     if index >= stop:
                         return
-                if index >= start:
+                if index == target and (extensions is None or extension in extensions):
                     members[extension] = _read_member(tar, info)
-            if start <= index < stop:
+            if index == target:
                 yield key, members
     except (tarfile.TarError, EOFError, OSError) as err:
         raise StreamError(
@@ -241,7 +250,7 @@ class _SlotDataset(IterableDataset):
     """The per-(rank, worker) pipeline; the main process drives it through :class:`MemeStream`."""
 
     def __init__(self, stream: MemeStream):
-        self.shard_paths = stream.shard_paths
+        self.shard_paths, self.shard_positions = stream.shard_paths, stream.shard_positions
         self.shard_sizes = stream.shard_sizes
         self.s = stream.settings
         self.rank, self.world_size = stream.rank, stream.world_size
@@ -294,8 +303,8 @@ class _SlotDataset(IterableDataset):
 
     def _read(self, segments: list[Segment]) -> Iterator[tuple[str, dict[str, bytes], bool]]:
         for segment in segments:
-            path = self.shard_paths[segment.shard]
-            for key, members in read_samples(path, segment.start, segment.stop):
+            path, positions = self.shard_paths[segment.shard], self.shard_positions[segment.shard]
+            for key, members in read_samples(path, positions[segment.start : segment.stop]):
                 yield key, members, segment.pad
 
     def _shuffled(self, items: Iterator, rng: np.random.Generator) -> Iterator:
@@ -385,14 +394,19 @@ class MemeStream:
         text_encoder: TextEncoder | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        subset: Sequence[int] | None = None,
     ):
         self.manifest = Manifest.load(shards)
         self.split = split
         self.manifest.verify(split, checksums=settings.verify_checksums)
         info = self.manifest.split(split)
         self.shard_paths = [self.manifest.shard_path(shard) for shard in info.shards]
-        self.shard_sizes = [shard.samples for shard in info.shards]
-        self.num_samples = info.samples
+        self.shard_positions = _positions_per_shard([shard.samples for shard in info.shards], subset)
+        self.shard_sizes = [len(positions) for positions in self.shard_positions]
+        self.num_samples = sum(self.shard_sizes)
+        self.subset_digest = (
+            None if subset is None else hashlib.sha256(np.asarray(subset, np.int64)).hexdigest()
+        )
         self.settings, self.view, self.text_encoder = settings, view, text_encoder
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
@@ -449,6 +463,7 @@ class MemeStream:
             "num_workers": self.settings.num_workers,
             "batch_size": self.settings.batch_size,
             "seed": self.settings.seed,
+            "subset": self.subset_digest,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -457,7 +472,7 @@ class MemeStream:
                 f"stream state version {state.get('version')} is not {STATE_VERSION}; cannot resume"
             )
         expected = self.state_dict()
-        for name in ("split", "world_size", "num_workers", "batch_size", "seed"):
+        for name in ("split", "world_size", "num_workers", "batch_size", "seed", "subset"):
             if state[name] != expected[name]:
                 raise StreamError(
                     f"cannot resume the stream: it was saved with {name}={state[name]!r} and now runs with "
@@ -468,3 +483,35 @@ class MemeStream:
             state["batches_done"],
             state["bad_samples"],
         )
+
+
+def _positions_per_shard(sizes: list[int], subset: Sequence[int] | None) -> list[Sequence[int]]:
+    """Per shard, the sample positions streamed: all of them, or those whose split-wide index
+    (shards in manifest order) is in ``subset``."""
+    if subset is None:
+        return [range(size) for size in sizes]
+    chosen = np.unique(np.asarray(subset, dtype=np.int64))
+    if len(chosen) and (chosen[0] < 0 or chosen[-1] >= sum(sizes)):
+        raise StreamError(f"subset indices must lie in [0, {sum(sizes)}) for this split")
+    bounds = np.cumsum([0, *sizes])
+    return [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def split_labels(shards: str | Path, split: str) -> np.ndarray:
+    """Labels ``[N, K]`` (-1 unlabeled) of a split, in manifest order, read without any image.
+
+    The row index is the split-wide sample index that ``MemeStream(subset=...)`` takes.
+    """
+    manifest = Manifest.load(shards)
+    rows = []
+    for shard in manifest.split(split).shards:
+        path = manifest.shard_path(shard)
+        for key, members in read_samples(path, range(shard.samples), frozenset({"json"})):
+            try:
+                labels = json.loads(members["json"])["labels"]
+            except (KeyError, ValueError, TypeError) as err:
+                raise StreamError(
+                    f"sample {key!r} in {path} has no readable labels ({err}); re-pack"
+                ) from None
+            rows.append([labels.get(name, -1) for name in manifest.label_names])
+    return np.asarray(rows, dtype=np.int64).reshape(len(rows), len(manifest.label_names))

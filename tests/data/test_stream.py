@@ -24,8 +24,15 @@ def stream(shards: Path, split: str = "train", view=None, **settings) -> MemeStr
     settings.setdefault("batch_size", 8)
     settings.setdefault("num_workers", 0)
     rank, world_size = settings.pop("rank", 0), settings.pop("world_size", 1)
+    subset = settings.pop("subset", None)
     return MemeStream(
-        shards, split, StreamSettings(**settings), view or Resize(32), rank=rank, world_size=world_size
+        shards,
+        split,
+        StreamSettings(**settings),
+        view or Resize(32),
+        rank=rank,
+        world_size=world_size,
+        subset=subset,
     )
 
 
@@ -323,3 +330,19 @@ def test_two_real_torchrun_ranks_split_the_epoch(synth_shards, tmp_path):
     assert ranks[0]["batches"] == ranks[1]["batches"]
     assert not set(ranks[0]["ids"]) & set(ranks[1]["ids"])
     assert len(ranks[0]["ids"]) + len(ranks[1]["ids"]) == Manifest.load(synth_shards).split("train").samples
+
+
+def test_subset_streams_exactly_the_chosen_samples(synth_shards):
+    from memetrain.data.stream import split_labels
+
+    labels = split_labels(synth_shards, "train")
+    assert labels.shape == (Manifest.load(synth_shards).split("train").samples, 1)
+    everything = list(stream(synth_shards, shuffle=False, batch_size=500))[0]
+    chosen = np.flatnonzero(labels[:, 0] == 1)[::3]
+    s = stream(synth_shards, num_workers=2, subset=chosen)
+    ids = ids_of(list(s))
+    assert sorted(ids) == sorted(everything["id"][i] for i in chosen)
+    assert s.num_samples == len(chosen)
+    other = stream(synth_shards, num_workers=2, subset=chosen[:-1])
+    with pytest.raises(StreamError, match="subset"):
+        other.load_state_dict(s.state_dict())
