@@ -405,7 +405,7 @@ class MemeStream:
         self.shard_sizes = [len(positions) for positions in self.shard_positions]
         self.num_samples = sum(self.shard_sizes)
         self.subset_digest = (
-            None if subset is None else hashlib.sha256(np.asarray(subset, np.int64)).hexdigest()
+            None if subset is None else hashlib.sha256(np.ascontiguousarray(subset, np.int64)).hexdigest()
         )
         self.settings, self.view, self.text_encoder = settings, view, text_encoder
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
