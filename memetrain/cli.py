@@ -128,3 +128,14 @@ def inspect_shards(cfg: DictConfig) -> None:
     )
     if cfg.grid:
         print(f"grid of the first batch: {cfg.grid}")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+@user_errors_exit
+def train(cfg: DictConfig) -> None:
+    """Train and evaluate one run (see ``configs/train.yaml``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from memetrain.run import train_and_evaluate
+
+    train_and_evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))

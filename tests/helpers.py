@@ -24,3 +24,36 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def tiny_run_overrides(shards: Path, run_dir: Path, steps: int = 12) -> list[str]:
+    """A run of ``launcher/train.py`` that takes seconds on CPU: 32 px, batch 16, checkpoint every 3 steps."""
+    return [
+        f"data.shards={shards}",
+        "data.image_size=32",
+        "data.batch_size=16",
+        "data.num_workers=2",
+        "trainer.global_batch_size=16",
+        f"trainer.max_steps={steps}",
+        "trainer.warmup_steps=2",
+        "trainer.log_every=2",
+        "trainer.val_every=6",
+        "trainer.checkpoint_every=3",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def run_launcher(script: str, *args: str, timeout: float = 600, env: dict | None = None):
+    """Run ``launcher/<script>`` with this interpreter; returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, str(REPO / "launcher" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
+        cwd=REPO,
+    )

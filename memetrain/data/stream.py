@@ -448,6 +448,9 @@ class MemeStream:
                 pin_memory=s.pin_memory,
                 persistent_workers=workers,
                 prefetch_factor=s.prefetch_factor if workers else None,
+                # its own generator: creating an iterator must not draw from the global torch RNG,
+                # or a resumed run's dropout would differ from an uninterrupted one's
+                generator=torch.Generator().manual_seed(s.seed),
             )
         return self._loader
 

@@ -1,0 +1,1 @@
+"""The training engine: one loop over Accelerate (DDP, DeepSpeed, AMP), checkpoints, logging."""

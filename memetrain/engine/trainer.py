@@ -1,0 +1,297 @@
+"""The training loop: resume, then {step; log; validate; checkpoint} until ``max_steps``, then close.
+
+Components (built by the caller): the Accelerate ``accelerator``, the ``method`` (model and loss),
+the ``optimizer``, the training ``stream`` and an optional validation stream, the ``logger`` and the
+``checkpointer``. Checkpointed state: Accelerate's (model, optimizer, scaler, every RNG), the
+stream's position and :class:`TrainState`. The learning rate and weight decay are pure functions of
+the step (``memetrain.engine.schedules``), so the step is the only schedule state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from memetrain.data.stream import MemeStream
+from memetrain.engine.checkpoint import Checkpointer
+from memetrain.engine.logger import RunLogger
+from memetrain.engine.schedules import cosine, warmup_cosine
+from memetrain.errors import ConfigError, MemetrainError
+from memetrain.methods import Method
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(MemetrainError):
+    """Training cannot go on (losses that stay non-finite)."""
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """Optimisation and bookkeeping; ``configs/trainer/*.yaml`` documents every field."""
+
+    max_steps: int
+    global_batch_size: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    weight_decay: float
+    weight_decay_end: float
+    betas: tuple[float, float]
+    eps: float
+    grad_clip: float | None
+    log_every: int
+    val_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    max_nonfinite_steps: int
+
+
+@dataclass
+class TrainState:
+    """Counters checkpointed beside the model (as JSON)."""
+
+    step: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+
+def accumulation_steps(global_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step, so the global batch is the same at any world size."""
+    per_step = batch_size * world_size
+    if global_batch_size % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size={global_batch_size} is not a multiple of data.batch_size={batch_size} x "
+            f"{world_size} processes = {per_step}; change one of them"
+        )
+    return global_batch_size // per_step
+
+
+class Trainer:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        stream: MemeStream,
+        checkpointer: Checkpointer,
+        config_yaml: str,
+        val_stream: MemeStream | None = None,
+    ):
+        self.s, self.accelerator, self.model, self.optimizer = settings, accelerator, model, optimizer
+        self.method: Method = accelerator.unwrap_model(model)  # the prepared ``model`` may wrap it
+        self.stream, self.val_stream, self.checkpointer = stream, val_stream, checkpointer
+        self.config_yaml = config_yaml
+        self.accum = accelerator.gradient_accumulation_steps
+        self.state = TrainState()
+        self.logger: RunLogger | None = None
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def fit(self, logger_factory) -> TrainState:
+        """Train to ``max_steps`` (resuming from the newest checkpoint, if any); returns the state."""
+        self.resume()
+        self.logger = logger_factory(self.state.step)
+        progress = tqdm(
+            total=self.s.max_steps,
+            initial=self.state.step,
+            desc=f"train {self.method.name}",
+            unit="step",
+            disable=not self.accelerator.is_main_process,
+            dynamic_ncols=True,
+        )
+        batches = self._batches()
+        window = _Window()
+        try:
+            while self.state.step < self.s.max_steps:
+                self.train_step(batches, window)
+                progress.update(1)
+                step = self.state.step
+                if step % self.s.log_every == 0 or step == self.s.max_steps:
+                    self._log(window, progress)
+                    window = _Window()
+                if self.val_stream is not None and (step % self.s.val_every == 0 or step == self.s.max_steps):
+                    self._log_validation()
+                if step % self.s.checkpoint_every == 0 or step == self.s.max_steps:
+                    self.save()
+        finally:
+            progress.close()
+        return self.state
+
+    def train_step(self, batches: Iterator[dict[str, Any]], window: _Window) -> None:
+        """One optimizer step over ``accum`` micro-batches; skipped if the loss or gradient is not finite."""
+        acc, method = self.accelerator, self.method
+        self._set_schedules()
+        method.before_step(self.state.step, self.s.max_steps)
+        step_loss = None
+        for micro in range(self.accum):
+            start = time.perf_counter()
+            batch = _to_device(next(batches), acc.device)
+            window.data_seconds += time.perf_counter() - start
+            if self.state.step == 0 and micro == 0:
+                self._log_inputs(batch)
+            with acc.accumulate(self.model), acc.autocast():
+                losses, report = self.model(batch)  # Method.forward = training_step, through DDP/DeepSpeed
+                loss = sum(value for name, value in losses.items() if name.endswith("_loss"))
+                acc.backward(loss)
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+                grad_norm = None
+                if acc.sync_gradients and self.s.grad_clip:
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.s.grad_clip)
+                if acc.sync_gradients and not self._finite(step_loss, grad_norm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                else:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            window.add(losses, report, grad_norm, len(batch["id"]))
+        if self.state.consecutive_nonfinite == 0:
+            method.after_step(self.state.step, self.s.max_steps)
+        self.state.step += 1
+        self.state.samples += self.s.global_batch_size
+
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        """Host sync once per optimizer step: the loss (and, without fp16 loss scaling, whose
+        scaler handles overflowing gradients itself, the gradient norm) must be finite."""
+        values = (
+            [loss] if grad_norm is None or self.accelerator.mixed_precision == "fp16" else [loss, grad_norm]
+        )
+        if all(torch.isfinite(value).all() for value in values):
+            self.state.consecutive_nonfinite = 0
+            return True
+        self.state.skipped_steps += 1
+        self.state.consecutive_nonfinite += 1
+        log.warning(
+            "step %d: non-finite loss or gradient, step skipped (%d in a row)",
+            self.state.step,
+            self.state.consecutive_nonfinite,
+        )
+        if self.state.consecutive_nonfinite > self.s.max_nonfinite_steps:
+            raise TrainingError(
+                f"the loss or gradient was not finite for {self.state.consecutive_nonfinite} steps in a row "
+                f"(last at step {self.state.step}); lower trainer.lr, raise trainer.warmup_steps, prefer "
+                "precision=bf16 over fp16, or check the data"
+            )
+        return False
+
+    def _set_schedules(self) -> None:
+        step, s = self.state.step, self.s
+        lr = warmup_cosine(step, s.max_steps, s.warmup_steps, s.lr, s.min_lr)
+        weight_decay = cosine(step, s.max_steps, s.weight_decay, s.weight_decay_end)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+            if group.get("weight_decay", 0.0) > 0:
+                group["weight_decay"] = weight_decay
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from self.stream
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        state = {"train": dataclasses.asdict(self.state), "stream": self.stream.state_dict()}
+        self.checkpointer.save(self.state.step, state, self.config_yaml)
+
+    def resume(self) -> None:
+        latest = self.checkpointer.latest()
+        if latest is None:
+            return
+        state = self.checkpointer.load(latest)
+        self.state = TrainState(**state["train"])
+        self.stream.load_state_dict(state["stream"])
+        if self.accelerator.is_main_process:
+            log.info("resumed from %s (step %d)", latest, self.state.step)
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    def _log(self, window: _Window, progress: tqdm) -> None:
+        acc = self.accelerator
+        values = {
+            f"train/{name}": acc.reduce(total, "mean").item() / window.count
+            for name, total in window.sums.items()
+        }
+        values["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        if window.grad_norm is not None:
+            values["train/grad_norm"] = float(window.grad_norm)
+        seconds = time.perf_counter() - window.start
+        values["perf/samples_per_second"] = window.samples * acc.num_processes / seconds
+        values["perf/data_wait_fraction"] = window.data_seconds / seconds
+        values["perf/memory_gb"] = _memory_gb(acc.device)
+        values["train/skipped_steps"] = self.state.skipped_steps
+        self.logger.scalars(self.state.step, values)
+        progress.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}", refresh=False)
+
+    def _log_validation(self) -> None:
+        self.logger.scalars(self.state.step, {f"val/{k}": v for k, v in self.validate().items()})
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean of the method's validation metrics over the validation split (all ranks)."""
+        acc, method = self.accelerator, self.method
+        self.model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        count = torch.zeros((), device=acc.device)
+        try:
+            for batch in self.val_stream:
+                batch = _to_device(batch, acc.device)
+                weight = batch["valid"].sum()
+                with acc.autocast():
+                    metrics = method.validation_step(batch)
+                metrics["loss"] = sum(value for name, value in metrics.items() if name.endswith("_loss"))
+                for name, value in metrics.items():
+                    sums[name] = sums.get(name, 0) + value.detach().float() * weight
+                count += weight
+        finally:
+            self.model.train()
+        count = acc.reduce(count, "sum")
+        return {name: (acc.reduce(total, "sum") / count).item() for name, total in sums.items()}
+
+    def _log_inputs(self, batch: dict[str, Any]) -> None:
+        """The first training images (or first view) in TensorBoard: what the model really sees."""
+        images = batch["image"] if "image" in batch else batch.get("views", [None])[0]
+        if images is not None:
+            self.logger.image_grid("inputs/train", images[:32].cpu())
+            self.logger.text("inputs/train_text", "\n\n".join(batch["text"][:8]))
+
+
+class _Window:
+    """Running sums between two log lines, kept on the device (no host sync per step)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.samples = 0
+        self.data_seconds = 0.0
+        self.grad_norm: torch.Tensor | None = None
+
+    def add(self, losses: dict, report: dict, grad_norm: torch.Tensor | None, samples: int) -> None:
+        total = sum(value.detach() for name, value in losses.items() if name.endswith("_loss"))
+        for name, value in {"loss": total, **losses, **report}.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
+        self.count += 1
+        self.samples += samples
+        if grad_norm is not None:
+            self.grad_norm = grad_norm
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS, KiB on Linux

@@ -1,0 +1,66 @@
+"""The one interface between an objective and the engine and evaluation.
+
+A method is an ``nn.Module`` that owns its model(s) and its loss. The engine calls
+``training_step`` each micro-batch, sums the returned terms whose names end in ``_loss``, logs the
+rest, and calls the hooks around each optimizer step. Evaluation calls ``embed`` (features for a
+linear probe, kNN or t-SNE) and, for methods that classify, ``predict``.
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from memetrain.engine.optim import decay_groups
+
+Batch = dict[str, Any]
+
+
+class Method(nn.Module, metaclass=ABCMeta):
+    """Subclasses set ``name`` and ``view`` (the data view they train on) and implement the steps."""
+
+    name: str = ""
+    view: str = "resize"
+    """Which view the training stream must produce (``memetrain.data.transforms.VIEWS``)."""
+    needs_labels: bool = False
+    """True if training uses labels (the train stream is then cut to the labeled fraction)."""
+
+    @abstractmethod
+    def training_step(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(losses, report): scalar tensors; losses' names end in ``_loss`` and are summed."""
+
+    def forward(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The training step, as ``forward`` so that DDP and DeepSpeed wrappers see it."""
+        return self.training_step(batch)
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch) -> dict[str, Tensor]:
+        """Scalar metrics averaged over the validation split (by default the training losses)."""
+        losses, report = self.training_step(batch)
+        return {**losses, **report}
+
+    @abstractmethod
+    def embed(self, batch: Batch) -> Tensor:
+        """Features ``[B, D]`` of the memes in ``batch`` for probes, kNN and t-SNE."""
+
+    def predict(self, batch: Batch) -> Tensor | None:
+        """Logits ``[B, outputs]`` for methods that classify; ``None`` for pure pretraining."""
+        return None
+
+    @property
+    def classifies(self) -> bool:
+        """Whether this method overrides ``predict`` (the ``classifier`` eval protocol needs it)."""
+        return type(self).predict is not Method.predict
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups; by default no decay on biases and norms."""
+        return decay_groups(self, weight_decay)
+
+    def before_step(self, step: int, total_steps: int) -> None:
+        """Called before each optimizer step's micro-batches (schedules of temperatures ...)."""
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after each optimizer step that was applied (EMA teachers ...)."""

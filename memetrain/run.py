@@ -1,0 +1,250 @@
+"""One run, top to bottom: set up processes, data and method; train; evaluate; write results.
+
+Everything here reads its own part of the resolved config (``configs/train.yaml``); the engine,
+the data layer and the evaluation protocols never see the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+
+from memetrain.data.manifest import Manifest
+from memetrain.data.stream import MemeStream, StreamSettings, split_labels
+from memetrain.data.tokenizer import TextEncoder
+from memetrain.data.transforms import Resize, build_view
+from memetrain.engine.checkpoint import Checkpointer
+from memetrain.engine.distributed import build_accelerator, shutdown, world_size
+from memetrain.engine.logger import RunLogger
+from memetrain.engine.optim import build_adamw
+from memetrain.engine.provenance import provenance
+from memetrain.engine.trainer import Trainer, TrainerSettings, accumulation_steps
+from memetrain.errors import ConfigError
+from memetrain.eval.fractions import label_fraction_indices
+from memetrain.eval.plots import plot_curves
+from memetrain.eval.protocols import run_protocols
+from memetrain.fileio import atomic_write_json, atomic_write_text
+from memetrain.methods import DataInfo, build_method
+
+log = logging.getLogger("memetrain")
+
+
+def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train ``cfg.method`` on ``cfg.data`` with ``cfg.trainer``, evaluate with ``cfg.eval``.
+
+    Returns the content of ``results.json`` (on every rank; only rank 0 writes files).
+    """
+    accumulation = accumulation_steps(cfg.trainer.global_batch_size, cfg.data.batch_size, world_size())
+    accelerator = build_accelerator(cfg.trainer.precision, accumulation, cfg.trainer.timeout_minutes)
+    main = accelerator.is_main_process
+    try:
+        _setup_logging(run_dir, main)
+        set_seed(cfg.seed, device_specific=True)
+        if cfg.trainer.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_checkpoints, accelerator)
+        _check_resume(cfg.resume, checkpointer)
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", config_yaml)
+            atomic_write_json(run_dir / "provenance.json", provenance(accelerator.num_processes, cfg.seed))
+
+        data = cfg.data
+        manifest = Manifest.load(data.shards)
+        encoder = _text_encoder(data, manifest)
+        info = DataInfo(
+            label_names=manifest.label_names,
+            main_label=manifest.main_label,
+            vocab_size=encoder.vocab_size if encoder else None,
+            pad_id=encoder.pad_id if encoder else 0,
+        )
+        method_options = OmegaConf.to_container(cfg.method, resolve=True)
+        name, view = method_options.pop("name"), method_options.pop("view")
+        method = build_method(name, method_options, OmegaConf.to_container(cfg.model, resolve=True), info)
+        labeled = _labeled_subset(data, manifest, cfg.seed) if method.needs_labels else None
+        train_stream = _stream(data, data.train_split, build_view(**view), encoder, cfg.seed, True, labeled)
+        val_stream = (
+            _stream(data, data.dev_split, Resize(data.image_size), encoder, cfg.seed)
+            if data.dev_split
+            else None
+        )
+
+        t = cfg.trainer
+        optimizer = build_adamw(method.param_groups(t.weight_decay), t.lr, t.betas, t.eps, accelerator.device)
+        model, optimizer = accelerator.prepare(method, optimizer)
+        settings = TrainerSettings(**{f: t[f] for f in TrainerSettings.__dataclass_fields__})
+        trainer = Trainer(
+            settings, accelerator, model, optimizer, train_stream, checkpointer, config_yaml, val_stream
+        )
+        if main:
+            log.info(
+                "run %s: %s on %s (%d train memes), %d process(es) x batch %d x %d accumulation = %d per step",
+                run_dir, name, data.shards, train_stream.num_samples, accelerator.num_processes,
+                data.batch_size, accumulation, t.global_batch_size,
+            )  # fmt: skip
+        state = trainer.fit(lambda step: RunLogger(run_dir, main, step))
+
+        eval_streams = {
+            split: _stream(data, split, Resize(data.image_size), encoder, cfg.seed)
+            for split in data.eval_splits
+        }
+        probes = {"linear_probe", "knn"} & set(cfg.eval.protocols)
+        probe_stream = (
+            _stream(
+                data,
+                data.train_split,
+                Resize(data.image_size),
+                encoder,
+                cfg.seed,
+                False,
+                _labeled_subset(data, manifest, cfg.seed),
+            )
+            if probes
+            else None
+        )
+        protocols = run_protocols(
+            trainer.method,
+            list(cfg.eval.protocols),
+            eval_streams,
+            probe_stream,
+            accelerator,
+            run_dir,
+            dev_split=data.dev_split,
+            label_fraction=data.label_fraction,
+            main_label=manifest.main_label,
+            label_names=manifest.label_names,
+            seed=cfg.seed,
+            knn_k=cfg.eval.knn_k,
+            tsne=cfg.eval.tsne,
+        )
+        results = {
+            "method": name,
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "data": {"shards": data.shards, "source": manifest.source, "label_fraction": data.label_fraction},
+            "seed": cfg.seed,
+            "steps": state.step,
+            "skipped_steps": state.skipped_steps,
+            "world_size": accelerator.num_processes,
+            "protocols": protocols,
+        }
+        if main:
+            atomic_write_json(run_dir / "results.json", results)
+            plot_curves(trainer.logger.history(), run_dir / "plots" / "curves.png")
+            trainer.logger.hparams(_hparams(cfg), _headline(protocols))
+            _print_summary(run_dir, protocols)
+        trainer.logger.close()
+        return results
+    finally:
+        shutdown()
+
+
+def _stream(
+    data: DictConfig,
+    split: str,
+    view,
+    encoder: TextEncoder | None,
+    seed: int,
+    train: bool = False,
+    subset: np.ndarray | None = None,
+) -> MemeStream:
+    """Training streams shuffle and drop the last partial batch; evaluation streams see every meme once."""
+    settings = StreamSettings(
+        batch_size=data.batch_size,
+        seed=seed,
+        shuffle=train,
+        shuffle_buffer=data.shuffle_buffer,
+        drop_last=train,
+        num_workers=data.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        max_bad_samples=data.max_bad_samples,
+        verify_checksums=data.verify_checksums,
+    )
+    return MemeStream(data.shards, split, settings, view, encoder, subset=subset)
+
+
+def _labeled_subset(data: DictConfig, manifest: Manifest, seed: int) -> np.ndarray:
+    """The training memes whose labels a supervised objective may use: ``label_fraction`` of the
+    labeled ones, stratified and nested across fractions (the 5 % set is inside the 10 % set)."""
+    labels = split_labels(data.shards, data.train_split)[:, manifest.label_names.index(manifest.main_label)]
+    return label_fraction_indices(labels, data.label_fraction, seed)
+
+
+def _text_encoder(data: DictConfig, manifest: Manifest) -> TextEncoder | None:
+    path = data.tokenizer or (manifest.root / manifest.tokenizer if manifest.tokenizer else None)
+    return TextEncoder(path, data.max_length, clean=data.clean_text) if path else None
+
+
+def _check_resume(resume: str, checkpointer: Checkpointer) -> None:
+    if resume not in ("auto", "never"):
+        raise ConfigError(f"resume={resume!r}: choose auto (continue from the newest checkpoint) or never")
+    if resume == "never" and checkpointer.latest() is not None:
+        raise ConfigError(
+            f"resume=never but {checkpointer.directory} holds checkpoints; use resume=auto to continue, or "
+            "another hydra.run.dir to start over"
+        )
+
+
+def _setup_logging(run_dir: Path, main: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO if main else logging.WARNING)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per file saved is noise here
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(run_dir / "train.log")
+        file.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s"))
+        root.addHandler(file)
+
+
+def _hparams(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "method": cfg.method.name,
+        "seed": cfg.seed,
+        "lr": cfg.trainer.lr,
+        "global_batch_size": cfg.trainer.global_batch_size,
+        "max_steps": cfg.trainer.max_steps,
+        "label_fraction": cfg.data.label_fraction,
+        "image_size": cfg.data.image_size,
+    }
+
+
+def _headline(protocols: dict[str, Any]) -> dict[str, float]:
+    """Final metrics for TensorBoard's hparams view: AUROC and accuracy per protocol and split."""
+    out = {}
+    for protocol, result in protocols.items():
+        for split, metrics in result["splits"].items():
+            for name in ("auroc", "accuracy", "f1_macro"):
+                if metrics.get(name) is not None:
+                    out[f"hparams/{protocol}/{split}/{name}"] = metrics[name]
+    return out
+
+
+def _print_summary(run_dir: Path, protocols: dict[str, Any]) -> None:
+    for protocol, result in protocols.items():
+        for split, metrics in result["splits"].items():
+            if "accuracy" in metrics:
+                auroc = metrics["auroc"]
+                print(
+                    f"{protocol:>12} {split:>10}: AUROC {auroc:.4f} "
+                    if auroc is not None
+                    else f"{protocol:>12} {split:>10}: AUROC n/a ",
+                    f"accuracy {metrics['accuracy']:.4f}  F1 macro {metrics['f1_macro']:.4f}  (n={metrics['num_samples']}, "
+                    f"threshold {result['threshold']:.3f} from {result['threshold_source']})",
+                    sep="",
+                )
+            else:
+                print(f"{protocol:>12} {split:>10}: {metrics['note']}")
+    print(
+        f"results: {run_dir / 'results.json'}; plots: {run_dir / 'plots'}; TensorBoard: tensorboard --logdir {run_dir / 'tb'}"
+    )

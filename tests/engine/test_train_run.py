@@ -1,0 +1,159 @@
+"""launcher/train.py end to end in real processes: run directory, results, plots, TensorBoard,
+exact resume after SIGKILL, and clear errors for bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.helpers import REPO, run_launcher, tiny_run_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(synth_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_launcher(
+        "train.py", *tiny_run_overrides(synth_shards, run_dir), "eval.protocols=[classifier,linear_probe,knn]"
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+def test_run_directory_holds_config_provenance_metrics_and_results(finished_run):
+    assert "max_steps: 12" in (finished_run / "config.yaml").read_text()
+    provenance = json.loads((finished_run / "provenance.json").read_text())
+    assert provenance["world_size"] == 1 and provenance["seed"] == 0
+    assert provenance["packages"]["torch"].startswith("2.14.1")
+    assert provenance["git"]["revision"] is None or len(provenance["git"]["revision"]) == 40
+    rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "train/loss" in row] == [2, 4, 6, 8, 10, 12]
+    assert {
+        "train/lr",
+        "train/grad_norm",
+        "perf/samples_per_second",
+        "perf/data_wait_fraction",
+        "perf/memory_gb",
+    } <= rows[0].keys()
+    assert [row["step"] for row in rows if "val/loss" in row] == [6, 12]
+
+    results = json.loads((finished_run / "results.json").read_text())
+    assert results["steps"] == 12 and results["method"] == "supervised"
+    for protocol in ("classifier", "linear_probe", "knn"):
+        result = results["protocols"][protocol]
+        assert result["threshold_source"] == "dev"
+        for split in ("dev", "test"):
+            metrics = result["splits"][split]
+            for key in (
+                "auroc",
+                "accuracy",
+                "f1_macro",
+                "f1_weighted",
+                "per_class",
+                "confusion_matrix",
+                "num_samples",
+            ):
+                assert key in metrics
+            assert metrics["label_fraction"] == 1.0
+            assert set(metrics["per_class"]) == {"0", "1"}
+            assert sum(map(sum, metrics["confusion_matrix"])) == metrics["num_samples"]
+
+
+def test_plots_are_valid_pngs(finished_run):
+    names = {path.name for path in (finished_run / "plots").glob("*.png")}
+    assert {"curves.png", "classifier_roc_test.png", "classifier_confusion_dev.png", "tsne_dev.png"} <= names
+    for path in (finished_run / "plots").glob("*.png"):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_tensorboard_events_are_readable(finished_run):
+    events = EventAccumulator(str(finished_run / "tb"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "val/loss", "perf/samples_per_second"} <= set(tags["scalars"])
+    assert [event.step for event in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+    assert "inputs/train" in tags["images"]
+
+
+def test_predictions_are_written_per_protocol_and_split(finished_run):
+    lines = (finished_run / "predictions" / "classifier_test.csv").read_text().splitlines()
+    assert lines[0] == "id,score,prediction,label"
+    assert (
+        len(lines) - 1
+        == json.loads((finished_run / "results.json").read_text())["protocols"]["classifier"]["splits"][
+            "test"
+        ]["num_samples"]
+    )
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / "step_0000012" / "model.safetensors"))
+
+
+def test_a_run_killed_with_sigkill_resumes_to_identical_weights(synth_shards, finished_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    command = [
+        sys.executable,
+        str(REPO / "launcher" / "train.py"),
+        *tiny_run_overrides(synth_shards, run_dir),
+        "eval.protocols=[classifier,linear_probe,knn]",
+    ]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "step_0000006").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its step-6 checkpoint"
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in steps 7-9
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "results.json").exists()
+
+    resumed = run_launcher(
+        "train.py", *tiny_run_overrides(synth_shards, run_dir), "eval.protocols=[classifier,linear_probe,knn]"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    expected, got = final_weights(finished_run), final_weights(run_dir)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps), "rows logged after the checkpoint by the killed run were not dropped"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=nope"], "Could not find 'method/nope'"),
+        (["trainer.max_stepz=3"], "Key 'max_stepz' is not in struct"),
+        (["data.label_fraction=0"], "error: label_fraction must be in (0, 1]"),
+        (["data.shards=/nonexistent/shards"], "error: no manifest.json in /nonexistent/shards"),
+        (["trainer.global_batch_size=24"], "error: trainer.global_batch_size=24 is not a multiple"),
+        (["resume=maybe"], "error: resume='maybe'"),
+    ],
+)
+def test_config_errors_are_one_clear_line(synth_shards, tmp_path, overrides, message):
+    result = run_launcher(
+        "train.py", *tiny_run_overrides(synth_shards, tmp_path / "run"), *overrides, timeout=180
+    )
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
