@@ -20,11 +20,9 @@ Batch = dict[str, Any]
 
 
 class Method(nn.Module, metaclass=ABCMeta):
-    """Subclasses set ``name`` and ``view`` (the data view they train on) and implement the steps."""
+    """Subclasses set ``name`` (and ``needs_labels``) and implement ``training_step`` and ``embed``."""
 
     name: str = ""
-    view: str = "resize"
-    """Which view the training stream must produce (``memetrain.data.transforms.VIEWS``)."""
     needs_labels: bool = False
     """True if training uses labels (the train stream is then cut to the labeled fraction)."""
 

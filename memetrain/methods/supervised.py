@@ -2,6 +2,8 @@
 
 The model is a :class:`memetrain.models.Classifier` (encoders from ``model.image`` / ``model.text``
 and a unimodal or fusion head); the loss is binary cross-entropy, or focal loss, per target label.
+``init`` starts an encoder from our own weights (a pretraining run's ``model.safetensors``, with the
+prefix its encoder has there): that is the full fine-tune protocol.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from memetrain.errors import ConfigError
 from memetrain.losses import focal_loss, masked_bce
 from memetrain.methods.base import Batch, Method
 from memetrain.methods.registry import DataInfo, register
-from memetrain.models import build_classifier
+from memetrain.models import build_classifier, load_weights
 
 
 @register
@@ -30,7 +32,7 @@ class Supervised(Method):
         targets: list[str] | None = None,
         loss: str = "bce",
         focal_gamma: float = 2.0,
-        view: str = "resize",
+        init: dict[str, dict[str, str] | None] | None = None,
     ):
         super().__init__()
         self.targets = list(targets or [data.main_label])
@@ -42,8 +44,14 @@ class Supervised(Method):
         if loss not in ("bce", "focal"):
             raise ConfigError(f"method.loss={loss!r}: choose bce or focal")
         self.target_index = [data.label_names.index(name) for name in self.targets]
-        self.loss, self.focal_gamma, self.view = loss, focal_gamma, view
+        self.loss, self.focal_gamma = loss, focal_gamma
         self.model = build_classifier(num_outputs=len(self.targets), **data.complete(model))
+        for part, spec in (init or {}).items():
+            if spec is not None:
+                encoder = getattr(self.model, f"{part}_encoder", None)
+                if encoder is None:
+                    raise ConfigError(f"method.init.{part} is set but the model has no {part} encoder")
+                load_weights(encoder, spec["path"], spec["prefix"])
 
     def _targets(self, batch: Batch) -> Tensor:
         return batch["labels"][:, self.target_index]
