@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from memetrain.errors import MemetrainError
 from memetrain.fileio import atomic_write_json
 
 SCHEMA_VERSION = 1
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar$")
 MANIFEST_NAME = "manifest.json"
 
 
@@ -111,7 +113,13 @@ class Manifest:
         return self.splits[name]
 
     def shard_path(self, shard: ShardInfo) -> Path:
+        """Shards are plain files in the manifest's directory: never a URL, a pipe or another folder."""
         assert self.root is not None, "manifest was not loaded from a directory"
+        if not _SHARD_NAME.match(shard.name):
+            raise ManifestError(
+                f"shard name {shard.name!r} in {self.root}/{MANIFEST_NAME} is not a file name in that directory; "
+                "memetrain reads shards only from the manifest's own directory (no pipe:, URLs or paths)"
+            )
         return self.root / shard.name
 
     def verify(self, split: str, checksums: bool = True) -> None:

@@ -346,3 +346,16 @@ def test_subset_streams_exactly_the_chosen_samples(synth_shards):
     other = stream(synth_shards, num_workers=2, subset=chosen[:-1])
     with pytest.raises(StreamError, match="subset"):
         other.load_state_dict(s.state_dict())
+
+
+def test_a_manifest_naming_a_pipe_or_a_path_is_refused(synth_shards, tmp_path):
+    root = copy_pack(synth_shards, tmp_path / "copy")
+    raw = json.loads((root / "manifest.json").read_text())
+    raw["splits"]["dev"]["shards"][0]["name"] = "pipe:curl -s http://example.invalid/x.tar"
+    (root / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="not a file name in that directory"):
+        stream(root, "dev")
+    raw["splits"]["dev"]["shards"][0]["name"] = "../elsewhere/dev-000000.tar"
+    (root / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="no pipe:, URLs or paths"):
+        stream(root, "dev")
