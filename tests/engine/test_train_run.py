@@ -157,3 +157,43 @@ def test_config_errors_are_one_clear_line(synth_shards, tmp_path, overrides, mes
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_under_torchrun_and_accelerate_launch(synth_shards, tmp_path, launcher):
+    from tests.helpers import free_port
+
+    run_dir = tmp_path / launcher
+    overrides = tiny_run_overrides(synth_shards, run_dir, steps=4) + ["data.batch_size=8", "eval.tsne=false"]
+    if launcher == "torchrun":
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ]
+        env = {}
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+        ]
+        env = {"ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(
+        [*command, str(REPO / "launcher" / "train.py"), *overrides],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 4
+    assert json.loads((run_dir / "provenance.json").read_text())["world_size"] == 2

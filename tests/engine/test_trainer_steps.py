@@ -45,7 +45,15 @@ def settings(**overrides) -> TrainerSettings:
     return TrainerSettings(**{**values, **overrides})
 
 
-def build(shards: Path, tmp_path: Path, batch_size: int, accumulation: int, method_cls=Supervised, **trainer):
+def build(
+    shards: Path,
+    tmp_path: Path,
+    batch_size: int,
+    accumulation: int,
+    method_cls=Supervised,
+    precision="no",
+    **trainer,
+):
     torch.manual_seed(0)
     manifest = Manifest.load(shards)
     encoder = TextEncoder(shards / "tokenizer.json", 16)
@@ -53,7 +61,7 @@ def build(shards: Path, tmp_path: Path, batch_size: int, accumulation: int, meth
     method = method_cls(model=TEXT_ONLY, data=info)
     stream_settings = StreamSettings(batch_size=batch_size, num_workers=0, shuffle=False, drop_last=True)
     stream = MemeStream(shards, "train", stream_settings, Resize(8), encoder)
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation, mixed_precision=precision)
     optimizer = build_adamw(method.param_groups(0.0), 1e-2, (0.9, 0.999), 1e-8, accelerator.device)
     model, optimizer = accelerator.prepare(method, optimizer)
     checkpointer = Checkpointer(tmp_path / "checkpoints", 1, accelerator)
@@ -114,3 +122,10 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(synth_shards, tmp_path)
     trainer = build(synth_shards, tmp_path, batch_size=16, accumulation=1, method_cls=NonFiniteAt)
     with pytest.raises(TrainingError, match="not finite for 3 steps in a row"):
         fit(trainer, tmp_path)
+
+
+def test_bf16_autocast_trains_on_cpu(synth_shards, tmp_path):
+    trainer = build(synth_shards, tmp_path, batch_size=16, accumulation=1, precision="bf16")
+    state = fit(trainer, tmp_path)
+    assert state.step == 4 and state.skipped_steps == 0
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.method.parameters())
