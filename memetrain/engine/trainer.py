@@ -26,6 +26,7 @@ from memetrain.engine.checkpoint import Checkpointer
 from memetrain.engine.logger import RunLogger
 from memetrain.engine.schedules import cosine, warmup_cosine
 from memetrain.errors import ConfigError, MemetrainError
+from memetrain.losses.monitor import COLLAPSE_WARNING
 from memetrain.methods import Method
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,12 @@ class Trainer:
         values["perf/data_wait_fraction"] = window.data_seconds / seconds
         values["perf/memory_gb"] = _memory_gb(acc.device)
         values["train/skipped_steps"] = self.state.skipped_steps
+        for name, value in values.items():
+            if name.startswith("train/embedding_std") and value < COLLAPSE_WARNING:
+                log.warning(
+                    "step %d: %s = %.3f (1 = spread, 0 = collapsed): the embeddings are collapsing",
+                    self.state.step, name, value,
+                )  # fmt: skip
         self.logger.scalars(self.state.step, values)
         progress.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}", refresh=False)
 
