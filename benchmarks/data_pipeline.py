@@ -1,0 +1,369 @@
+"""Data pipeline benchmark: pack SynthMemes, stream them with MemeStream, compare with two baselines.
+
+    .venv/bin/python benchmarks/data_pipeline.py                  # full run (make bench), recorded
+    .venv/bin/python benchmarks/data_pipeline.py --quick          # smoke run, not recorded
+    .venv/bin/python benchmarks/data_pipeline.py --quick --record # smoke run, recorded
+    .venv/bin/python benchmarks/data_pipeline.py --count 4000 --image-size 384 --workers 4
+
+In a temporary directory: pack memes/s (target >= 400), raw tar read samples/s (context), MemeStream
+samples/s to ready batches, baseline A (open_clip's WebDataset pipeline over the same shards; target
+for later: MemeStream >= 2x) and baseline B (the PIL decode limit in as many processes; target for
+later: MemeStream >= 0.9x). Each figure is the median of ``--repeats`` runs after a warm-up; the
+stream and the baselines are timed back to back in every run and ratios are medians of the per-run
+ratios. The table is printed and appended to BENCHMARKS.md. See benchmarks/README.md for details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import math
+import multiprocessing
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from memetrain.data.manifest import Manifest
+from memetrain.data.pack import PackOptions, pack
+from memetrain.data.sources.synth import SynthMemes
+from memetrain.data.stream import MemeStream, StreamSettings
+from memetrain.data.tokenizer import TextEncoder
+from memetrain.data.transforms import Resize
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD = ROOT / "BENCHMARKS.md"
+SPLIT = "train"
+MAX_LENGTH = 32  # tokens per text, as configs/inspect_shards.yaml
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN / STD
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PACK_TARGET = 400.0
+STREAM_VS_A_TARGET = 2.0
+STREAM_VS_B_TARGET = 0.9
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=2000, help="labeled SynthMemes to pack (80%% train)")
+    parser.add_argument("--image-size", type=int, default=224, help="pixels of the memes and of the views")
+    parser.add_argument("--workers", type=int, default=2, help="pack processes and DataLoader workers")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument("--shard-size", type=int, default=100, help="samples per shard")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (count 200, repeats 1)")
+    parser.add_argument("--record", action="store_true", help="append to BENCHMARKS.md even with --quick")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.count, args.repeats = min(args.count, 200), 1
+    return args
+
+
+def machine_info() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"{cpu}, {os.cpu_count()} cores ({usable} usable); Python {platform.python_version()}, "
+        f"torch {torch.__version__}, webdataset {wds.__version__}, Pillow {Image.__version__}; "
+        f"load average {os.getloadavg()[0]:.2f} at the start"
+    )
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence stdout and stderr at the file-descriptor level (pack's and the tokenizer trainer's bars)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+def code_version() -> str:
+    """The commit benchmarked, and whether memetrain/ had uncommitted changes."""
+
+    def git(*command: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *command], capture_output=True, text=True).stdout
+
+    try:
+        commit, dirty = git("rev-parse", "--short", "HEAD").strip(), git("status", "--porcelain", "memetrain")
+    except OSError:
+        return "unknown"
+    return (commit or "unknown") + (" + uncommitted changes in memetrain/" if dirty.strip() else "")
+
+
+# 1. pack -------------------------------------------------------------------------------------
+
+
+def bench_pack(args: argparse.Namespace, tmp: Path) -> tuple[list[float], Path]:
+    """memes/s of whole pack() calls (first one is the warm-up); returns the rates and the last pack."""
+    source = SynthMemes(count=args.count, image_size=args.image_size)
+    options = PackOptions(workers=args.workers, max_samples_per_shard=args.shard_size, overwrite=True)
+    rates, out = [], tmp / "shards"
+    for run in range(args.repeats + 1):
+        start = time.perf_counter()
+        with quiet():
+            summary = pack(source, out, options, {"count": args.count, "image_size": args.image_size})
+        seconds = time.perf_counter() - start
+        if run:  # run 0 warms up imports, fonts and the page cache
+            rates.append(sum(summary.written.values()) / seconds)
+    return rates, out
+
+
+# 2. read only --------------------------------------------------------------------------------
+
+
+def tar_samples(path: Path):
+    """(key, {extension: bytes}) per sample of a WebDataset tar, in order; nothing is decoded."""
+    key, members = None, {}
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base, _, extension = info.name.partition(".")
+            if base != key and members:
+                yield key, members
+                members = {}
+            key, members[extension] = base, tar.extractfile(info).read()
+    if members:
+        yield key, members
+
+
+def bench_read(shard_paths: list[Path], repeats: int) -> list[float]:
+    """samples/s of reading the split's tar members into memory, one process, nothing decoded."""
+    rates = []
+    for _ in range(repeats + 1):
+        start, samples = time.perf_counter(), 0
+        for path in shard_paths:
+            samples += sum(1 for _ in tar_samples(path))
+        rates.append(samples / (time.perf_counter() - start))
+    return rates[1:]
+
+
+# 3. MemeStream and 4. baseline A -------------------------------------------------------------
+
+
+def make_stream(shards: Path, args: argparse.Namespace, encoder: TextEncoder) -> MemeStream:
+    settings = StreamSettings(batch_size=args.batch_size, num_workers=args.workers)
+    return MemeStream(shards, SPLIT, settings, Resize(args.image_size), encoder)
+
+
+def stream_epoch(stream: MemeStream) -> int:
+    """Samples delivered by one epoch (padding excluded)."""
+    return sum(int(batch["valid"].sum()) for batch in stream)
+
+
+class Tokenize:
+    """open_clip's ``tokenizer(text)[0]``, with the packed WordPiece tokenizer."""
+
+    def __init__(self, encoder: TextEncoder):
+        self.encoder = encoder
+
+    def __call__(self, text: str) -> torch.Tensor:
+        ids, _ = self.encoder([text])
+        return torch.from_numpy(ids[0])
+
+
+def make_baseline_a(urls: list[str], args: argparse.Namespace, encoder: TextEncoder) -> DataLoader:
+    """open_clip's ``get_wds_dataset`` (without resampling) over the same shards."""
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(args.image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.shuffle(1000),
+        wds.decode("pilrgb"),
+        wds.to_tuple("jpg", "txt", "cls"),
+        wds.map_tuple(transform, Tokenize(encoder), int),
+        wds.batched(args.batch_size, partial=True),
+    )
+    return DataLoader(
+        pipeline,
+        batch_size=None,
+        shuffle=False,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
+
+
+def baseline_a_epoch(loader: DataLoader) -> int:
+    return sum(len(labels) for _, _, labels in loader)
+
+
+# 5. baseline B: the decode limit -------------------------------------------------------------
+
+_images: list[bytes] = []
+_size = 0
+
+
+def _init_decoder(images: list[bytes], size: int) -> None:
+    global _images, _size
+    _images, _size = images, size
+
+
+def _decode_range(bounds: tuple[int, int]) -> int:
+    for data in _images[bounds[0] : bounds[1]]:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (_size, _size))
+        image.convert("RGB").resize((_size, _size), Image.Resampling.BILINEAR)
+    return bounds[1] - bounds[0]
+
+
+def split_images(shard_paths: list[Path]) -> list[bytes]:
+    return [members["jpg"] for path in shard_paths for _, members in tar_samples(path)]
+
+
+def decode_pass(pool: multiprocessing.pool.Pool, count: int, workers: int) -> int:
+    step = math.ceil(count / (8 * max(1, workers)))
+    return sum(pool.map(_decode_range, [(i, min(i + step, count)) for i in range(0, count, step)]))
+
+
+# timing and report ---------------------------------------------------------------------------
+
+
+def timed(epoch, *args) -> float:
+    """samples/s of one call of ``epoch`` (which returns the samples it saw)."""
+    start = time.perf_counter()
+    samples = epoch(*args)
+    return samples / (time.perf_counter() - start)
+
+
+def bench_streams(shards: Path, shard_paths: list[Path], args: argparse.Namespace) -> dict[str, list[float]]:
+    """MemeStream, baseline A and baseline B, one warm-up each, then interleaved timed runs."""
+    manifest = Manifest.load(shards)
+    encoder = TextEncoder(manifest.root / manifest.tokenizer, MAX_LENGTH)
+    stream = make_stream(shards, args, encoder)
+    loader = make_baseline_a([str(p) for p in shard_paths], args, encoder)
+    images = split_images(shard_paths)
+    runs: dict[str, list[float]] = {"stream": [], "a": [], "b": []}
+    with multiprocessing.Pool(max(1, args.workers), _init_decoder, (images, args.image_size)) as pool:
+        for run in range(args.repeats + 1):  # run 0 starts the workers and warms the caches
+            rates = {
+                "stream": timed(stream_epoch, stream),
+                "a": timed(baseline_a_epoch, loader),
+                "b": timed(decode_pass, pool, len(images), args.workers),
+            }
+            for name, rate in rates.items():
+                runs[name] += [rate] if run else []
+    del loader, stream  # shuts the persistent workers down
+    return runs
+
+
+def row(name: str, rates: list[float], unit: str, ratio: str = "", target: str = "") -> str:
+    spread = f"{min(rates):.0f}–{max(rates):.0f}" if len(rates) > 1 else "–"
+    return f"| {name} | {statistics.median(rates):.0f} {unit} | {spread} | {ratio} | {target} |"
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(ours, theirs))
+
+
+def build_table(args: argparse.Namespace, pack_rates, read_rates, runs, train_samples: int) -> str:
+    w, s = args.workers, args.image_size
+    pack_ratio = statistics.median(pack_rates) / PACK_TARGET
+    vs_a, vs_b = paired_ratio(runs["stream"], runs["a"]), paired_ratio(runs["stream"], runs["b"])
+
+    def target(value: float, goal: float, text: str) -> str:
+        return f"{text} ({'met' if value >= goal else 'not yet'})"
+
+    lines = [
+        "| benchmark | median | spread (min–max) | ratio | target |",
+        "|---|---|---|---|---|",
+        row(
+            f"pack {args.count} SynthMemes, {s} px, {w} processes",
+            pack_rates,
+            "memes/s",
+            f"{pack_ratio:.2f}x target",
+            target(pack_ratio, 1, f">= {PACK_TARGET:.0f} memes/s"),
+        ),
+        row(f"read only: raw tar read of {SPLIT}, 1 process", read_rates, "samples/s"),
+        row(f"MemeStream: Resize({s}) + tokens, {w} workers", runs["stream"], "samples/s"),
+        row(
+            f"baseline A: open_clip WebDataset pipeline, {w} workers",
+            runs["a"],
+            "samples/s",
+            f"MemeStream / A = {vs_a:.2f}x",
+            target(vs_a, STREAM_VS_A_TARGET, f">= {STREAM_VS_A_TARGET:g}x later"),
+        ),
+        row(
+            f"baseline B: decode limit (PIL draft + resize), {w} processes",
+            runs["b"],
+            "samples/s",
+            f"MemeStream / B = {vs_b:.2f}x",
+            target(vs_b, STREAM_VS_B_TARGET, f">= {STREAM_VS_B_TARGET:g}x later"),
+        ),
+    ]
+    return "\n".join(lines) + (
+        f"\n\n{train_samples} {SPLIT} samples in shards of {args.shard_size}, batch {args.batch_size}, "
+        f"{args.repeats} timed runs after a warm-up"
+    )
+
+
+def record(table: str, info: str) -> None:
+    if not RECORD.exists():
+        RECORD.write_text(
+            "# Benchmarks\n\nData pipeline figures appended by `benchmarks/data_pipeline.py` "
+            "(see `benchmarks/README.md`). Newest last.\n"
+        )
+    command = shlex.join([sys.executable, *sys.argv])
+    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    with RECORD.open("a", encoding="utf-8") as handle:
+        handle.write(
+            f"\n## Data pipeline, {stamp}\n\n- machine: {info}\n- code: {code_version()}\n"
+            f"- command: `{command}`\n\n{table}\n"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    info = machine_info()
+    print(f"machine: {info}", flush=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="memetrain-bench-") as tmp:
+        pack_rates, shards = bench_pack(args, Path(tmp))
+        manifest = Manifest.load(shards)
+        shard_paths = [manifest.shard_path(shard) for shard in manifest.split(SPLIT).shards]
+        read_rates = bench_read(shard_paths, args.repeats)
+        runs = bench_streams(shards, shard_paths, args)
+        table = build_table(args, pack_rates, read_rates, runs, manifest.split(SPLIT).samples)
+    print(f"\n{table}\n\n({time.perf_counter() - start:.0f} s in all)")
+    if not args.quick or args.record:
+        record(table, info)
+        print(f"appended to {RECORD}")
+
+
+if __name__ == "__main__":
+    main()
