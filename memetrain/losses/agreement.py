@@ -1,0 +1,56 @@
+"""Agreement losses: CASS's cross-architecture objective and its multimodal variant CASS-MM.
+
+CASS (Singh, Gorantla et al., "CASS: Cross Architectural Self-Supervision for Medical Image
+Analysis", 2022, arXiv:2206.04170) feeds the same augmented image to a CNN and a ViT and pulls their
+outputs together with BYOL's normalised regression loss (Grill et al., "Bootstrap Your Own Latent",
+2020, eq. 2):
+
+    l(a, b) = || a / |a| - b / |b| ||^2 = 2 - 2 cos(a, b)
+
+No stop-gradient and no EMA: both networks receive the gradient. BYOL symmetrises by swapping two
+views between its networks; with one shared view and nothing detached, l(a, b) = l(b, a) and the
+symmetrised loss (l(a, b) + l(b, a)) / 2 is l(a, b) itself, so it is computed once.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def cosine_agreement_loss(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over the batch of ``2 - 2 cos(a_i, b_i)``: 0 when every pair is parallel, 4 when opposite.
+
+    a, b: [B, D] (any scale; each row is L2-normalised). Symmetric in ``a`` and ``b``; nothing is
+    detached. Computed in float32: under bf16 the cosine of near-parallel vectors loses its digits.
+    """
+    a = F.normalize(a.float(), dim=1)  # [B, D], unit rows
+    b = F.normalize(b.float(), dim=1)  # [B, D], unit rows
+    return (2 - 2 * (a * b).sum(dim=1)).mean()  # [B] -> []
+
+
+class CassMMLoss(nn.Module):
+    """CASS-MM: CASS between the image and the text of a meme, plus optionally CASS between two image nets.
+
+    With projected embeddings ``z_t`` (text) and ``z_b`` for each image branch ``b`` (one or two of
+    CNN, ViT), all ``[B, D]`` in one projection space, and ``l`` as :func:`cosine_agreement_loss`:
+
+        cross_modal_loss = mean over image branches b of l(z_b, z_t)
+        unimodal_loss    = lambda * l(z_cnn, z_vit)          (only with two image branches)
+        total            = cross_modal_loss + unimodal_loss
+
+    ``forward`` returns the named terms; with ``unimodal_weight`` (lambda) 0 the total is the
+    cross-modal term alone. Gradients reach every embedding: nothing is detached.
+    """
+
+    def __init__(self, unimodal_weight: float = 0.0):
+        super().__init__()
+        self.unimodal_weight = unimodal_weight
+
+    def forward(self, images: list[Tensor], text: Tensor) -> dict[str, Tensor]:
+        """images: one or two ``[B, D]`` (CNN first); text: ``[B, D]``."""
+        cross = sum(cosine_agreement_loss(z, text) for z in images) / len(images)  # []
+        losses = {"cross_modal_loss": cross}
+        if len(images) == 2:
+            losses["unimodal_loss"] = self.unimodal_weight * cosine_agreement_loss(*images)  # []
+        return losses
