@@ -255,7 +255,9 @@ class Trainer:
                 weight = batch["valid"].sum()
                 with acc.autocast():
                     metrics = method.validation_step(batch)
-                metrics["loss"] = sum(value for name, value in metrics.items() if name.endswith("_loss"))
+                losses = [value for name, value in metrics.items() if name.endswith("_loss")]
+                if losses:
+                    metrics["loss"] = sum(losses)
                 for name, value in metrics.items():
                     sums[name] = sums.get(name, 0) + value.detach().float() * weight
                 count += weight
@@ -294,8 +296,17 @@ class _Window:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors, and lists of tensors (multi-view images), moved to ``device``; the rest as is."""
     non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def move(value: Any) -> Any:
+        if torch.is_tensor(value):
+            return value.to(device, non_blocking=non_blocking)
+        if isinstance(value, list) and value and torch.is_tensor(value[0]):
+            return [item.to(device, non_blocking=non_blocking) for item in value]
+        return value
+
+    return {name: move(value) for name, value in batch.items()}
 
 
 def _memory_gb(device: torch.device) -> float:
