@@ -18,7 +18,7 @@ $(INSTALLED): setup.cfg pyproject.toml
 
 demo: $(INSTALLED)
 	$(BIN)/python launcher/pack.py source=synth count=2000 image_size=224 unlabeled=1000 output=shards/synth
-	$(BIN)/python launcher/inspect_shards.py shards=shards/synth split=train
+	$(BIN)/python launcher/train.py
 
 test: $(INSTALLED)
 	$(BIN)/pytest
