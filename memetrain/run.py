@@ -69,6 +69,10 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         method_options = OmegaConf.to_container(cfg.method, resolve=True)
         name, view = method_options.pop("name"), method_options.pop("view")
         method = build_method(name, method_options, OmegaConf.to_container(cfg.model, resolve=True), info)
+        if "classifier" in cfg.eval.protocols and not method.classifies:
+            raise ConfigError(
+                f"method {name} does not classify: evaluate it with eval=probe (linear probe, kNN)"
+            )
         labeled = _labeled_subset(data, manifest, cfg.seed) if method.needs_labels else None
         train_stream = _stream(data, data.train_split, build_view(**view), encoder, cfg.seed, True, labeled)
         val_stream = (

@@ -148,6 +148,10 @@ def test_a_run_killed_with_sigkill_resumes_to_identical_weights(synth_shards, fi
         (["data.shards=/nonexistent/shards"], "error: no manifest.json in /nonexistent/shards"),
         (["trainer.global_batch_size=24"], "error: trainer.global_batch_size=24 is not a multiple"),
         (["resume=maybe"], "error: resume='maybe'"),
+        (
+            ["method=dino", "model=backbone_resnet18"],
+            "error: method dino does not classify: evaluate it with eval=probe",
+        ),
     ],
 )
 def test_config_errors_are_one_clear_line(synth_shards, tmp_path, overrides, message):
