@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,3 +17,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def synth_shards(tmp_path_factory) -> Path:
     """240 labeled 64 px memes plus 40 unlabeled ones, about 40 per shard (several shards per split)."""
     return pack_synth(tmp_path_factory.mktemp("synth"), unlabeled=40)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1, and any attempt to open a network connection fails the test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] or args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -57,3 +57,18 @@ def run_launcher(script: str, *args: str, timeout: float = 600, env: dict | None
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
         cwd=REPO,
     )
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The command prefix that starts ``nproc`` local processes with torchrun on a free port."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+    ]

@@ -17,7 +17,7 @@ from memetrain.data.manifest import Manifest, ManifestError
 from memetrain.data.stream import MemeStream, StreamError, StreamSettings, epoch_plan
 from memetrain.data.tokenizer import TextEncoder
 from memetrain.data.transforms import Resize
-from tests.helpers import free_port
+from tests.helpers import torchrun
 
 
 def stream(shards: Path, split: str = "train", view=None, **settings) -> MemeStream:
@@ -310,18 +310,9 @@ def test_views_are_deterministic_in_their_generator():
 @pytest.mark.slow
 def test_two_real_torchrun_ranks_split_the_epoch(synth_shards, tmp_path):
     import subprocess
-    import sys
 
     script = Path(__file__).with_name("stream_rank_script.py")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
+    command = torchrun(2)
     result = subprocess.run(
         [*command, str(script), str(synth_shards), str(tmp_path)], capture_output=True, text=True, timeout=180
     )

@@ -165,20 +165,12 @@ def test_config_errors_are_one_clear_line(synth_shards, tmp_path, overrides, mes
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_processes_under_torchrun_and_accelerate_launch(synth_shards, tmp_path, launcher):
-    from tests.helpers import free_port
+    from tests.helpers import free_port, torchrun
 
     run_dir = tmp_path / launcher
     overrides = tiny_run_overrides(synth_shards, run_dir, steps=4) + ["data.batch_size=8", "eval.tsne=false"]
     if launcher == "torchrun":
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-        ]
+        command = torchrun(2)
         env = {}
     else:
         command = [

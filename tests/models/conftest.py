@@ -2,22 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """HF_HUB_OFFLINE=1, and any attempt to open a network connection fails the test."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[1:] or args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture(autouse=True)
