@@ -9,6 +9,8 @@ Interaction of CLIP Features").
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -58,7 +60,7 @@ class ConcatFusion(nn.Module):
         return self.output(self.embed(image, text))  # [B, num_outputs]
 
 
-class _InteractionFusion(nn.Module):
+class _InteractionFusion(nn.Module, metaclass=ABCMeta):
     """Hate-CLIPper's layout: project each modality to ``dim`` (Linear, Dropout) and L2-normalise,
     combine the two projections (the subclass's :meth:`interact`), then dropout, ``depth`` pre-output
     layers of width ``dim`` (Linear, ReLU, Dropout) and the output layer. The dropout defaults are
@@ -83,11 +85,13 @@ class _InteractionFusion(nn.Module):
         self.hidden, self.embed_dim = mlp(self.fused_dim(dim), dim, depth, dropout)
         self.output = nn.Linear(self.embed_dim, num_outputs)
 
+    @abstractmethod
     def fused_dim(self, dim: int) -> int:
-        raise NotImplementedError
+        """Width of :meth:`interact`'s output for projections of width ``dim``."""
 
+    @abstractmethod
     def interact(self, image: Tensor, text: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Combine the unit projections ``[B, dim]`` into ``[B, fused_dim(dim)]``."""
 
     def project(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
         """Unit-length projections ``p_i``, ``p_t``: ``[B, dim]`` each."""

@@ -22,14 +22,6 @@ TEXT = {"kind": "transformer", "hidden_size": 32, "num_layers": 1, "num_heads": 
 SMALL_HEADS = {"proj_dim": 16, "proj_hidden_dim": 32}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def naive_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """2 - 2 cos, one pair at a time in plain Python, averaged."""
     total = 0.0

@@ -32,15 +32,6 @@ TINY_OPEN_CLIP = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def clip(model=None, **options):
     return build_method("clip", options, SMALL if model is None else model, DATA)
 

@@ -28,14 +28,6 @@ OPTIONS = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def dino(backbone: str = "test_resnet", **options) -> Dino:
     torch.manual_seed(0)
     model = {"image": {"name": backbone, "image_size": 32}}
