@@ -169,6 +169,9 @@ def read_samples(
                         return
                 if index == target and (extensions is None or extension in extensions):
                     members[extension] = _read_member(tar, info)
+            handle.seek(tar.offset)  # tarfile ends quietly where the file does: look for the end marker
+            if handle.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+                raise EOFError("the file ends before the tar's end-of-archive marker")
             if index == target:
                 yield key, members
     except (tarfile.TarError, EOFError, OSError) as err:
