@@ -17,7 +17,7 @@ $(INSTALLED): setup.cfg pyproject.toml
 	touch $@
 
 demo: $(INSTALLED)
-	$(BIN)/python launcher/pack.py source=synth count=2000 image_size=224 unlabeled=1000 output=shards/synth
+	$(BIN)/python launcher/pack.py source=synth count=8000 image_size=224 unlabeled=4000 output=shards/synth
 	$(BIN)/python launcher/train.py
 
 test: $(INSTALLED)

@@ -47,8 +47,8 @@ def test_every_phrase_targets_one_class_that_the_text_never_names():
     targets = Counter(target for _, target in PHRASES)
     assert set(targets) == set(CLASSES) and min(targets.values()) >= 12
     assert len({phrase for phrase, _ in PHRASES}) == len(PHRASES)
-    for phrase, _ in PHRASES:
-        assert not any(name.upper() in phrase for name in CLASSES)
+    for lines, _ in PHRASES:
+        assert not any(name.upper() in " ".join(lines) for name in CLASSES)
 
 
 def test_labels_are_exactly_balanced_within_every_phrase_and_image_class():
@@ -63,9 +63,9 @@ def test_labels_are_exactly_balanced_within_every_phrase_and_image_class():
             entry.meta["image_class"],
             entry.meta["target_class"],
         )
-        by_phrase[factors.top][y] += 1
+        by_phrase[factors.punchline][y] += 1
         by_class[factors.image_class][y] += 1
-        on_classes[factors.top].add(factors.image_class)
+        on_classes[factors.punchline].add(factors.image_class)
     assert set(by_phrase) == {phrase for phrase, _ in PHRASES}
     showings = cycles * 2 * (len(CLASSES) - 1)
     for phrase, counts in by_phrase.items():
@@ -96,9 +96,9 @@ def test_text_is_the_drawn_caption_and_names_colour_and_count():
     for entry in source.entries():
         record = source.load(entry)
         factors = meme_factors(0, entry.ref)
-        assert record.text == entry.text == f"{factors.top} {factors.bottom}"
-        assert entry.meta["colour"].upper() in factors.bottom
-        assert factors.bottom.split()[0] in ("TWO", "THREE", "FOUR", "FIVE")
+        assert record.text == entry.text == f"{factors.setup} {' '.join(factors.punchline)}"
+        assert factors.setup == f"{factors.setup.split()[0]} {entry.meta['colour'].upper()} ONES"
+        assert factors.setup.split()[0] in ("TWO", "THREE", "FOUR", "FIVE")
         assert (record.id, record.split, record.labels, record.source) == (
             entry.id,
             entry.split,

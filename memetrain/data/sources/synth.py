@@ -1,19 +1,34 @@
 """SynthMemes: the procedurally generated meme corpus that is memetrain's embedded default dataset.
 
 Each meme is a scene of ``count`` shapes of one class (circle, square, triangle, star) in one colour on
-a textured background, with a two-part caption drawn on it in meme style. The top caption "targets" one
-shape class through its adjectives ("keep the round ones out" targets circles); the bottom one names the
-shapes' count and colour ("three red ones"), which both modalities share but which carry no label.
-A meme is hateful exactly when its top caption is shown on its target class, so neither the text nor the
-image alone predicts the label (the Hateful Memes benign-confounder design). A block design makes the
-balance exact: in every cycle of ``CYCLE`` memes each phrase is shown K-1 times on its target class and
-once on each other class, in a seeded order. Everything is a pure function of (seed, pool, index), seeded
-through numpy's SeedSequence, so any process renders the same meme and a longer corpus extends a shorter.
+a textured background tinted by the class, with two captions drawn on it in meme style: the setup at
+the top names the shapes' count and colour ("three red ones"), which both modalities show but which
+carries no label, and the punchline at the bottom "targets" one shape class through an adjective
+("keep the curvy ones out" targets circles). A meme is hateful exactly when its punchline is shown on
+its target class, so neither the text nor the image alone predicts the label (the Hateful Memes
+benign-confounder design). A block design makes the balance exact: in every cycle of ``CYCLE`` memes
+each phrase is shown K-1 times on its target class and once on each other class, in a seeded order.
+Everything is a pure function of (seed, pool, index), seeded through numpy's SeedSequence, so any
+process renders the same meme and a longer corpus extends a shorter.
+
+What keeps it learnable from scratch, and unimodal models at chance (each measured; see
+tests/test_synth_learnability.py):
+
+- The label is a pure interaction, so an encoder gets a useful gradient only once the other one
+  separates the classes. The scene's tint (``SCENE_TINTS``: circles on rose, squares on green,
+  triangles on blue, stars on pale) makes the image classes separable from the first step, where
+  shapes alone left fusion at chance for 2500 CPU steps. The tints are equidistant in colour: with
+  hues on a circle, the two far pairs split first and the near ones stayed confused.
+- The punchline comes last in the text because the LSTM baseline reads its final state: with the
+  target adjective first, fusion stayed at chance.
+- Captions have one font size for the whole corpus (jittered per meme), fixed line breaks and
+  adjectives of matched width across classes: with each phrase fitted to the width, an image-only
+  ResNet read the target from the captions' outline (test AUROC 0.91).
+- Shape colours and counts are independent of the class, so the setup never tells the class.
 """
 
 from __future__ import annotations
 
-import colorsys
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,19 +44,27 @@ from memetrain.errors import ConfigError
 
 CLASSES = ("circle", "square", "triangle", "star")
 ADJECTIVES = {
-    "circle": ("round", "bubbly", "rolling", "curvy"),
-    "square": ("boxy", "blocky", "chunky", "stocky"),
-    "triangle": ("pointy", "wedgy", "slanted", "jagged"),
-    "star": ("sparkly", "twinkly", "glittery", "shiny"),
+    "circle": ("curvy", "bubbly", "rolling", "circular"),
+    "square": ("squat", "blocky", "chunky", "angular"),
+    "triangle": ("pointy", "jagged", "slanted", "tapering"),
+    "star": ("shiny", "flashy", "sparkly", "glittery"),
 }
+"""The i-th adjective of every class has about the same drawn width, so a caption's outline (line
+lengths) does not tell its target; an image model has to read the letters."""
 TEMPLATES = (
-    "{} ones are not welcome here",
-    "keep the {} ones out",
-    "nobody wants the {} ones",
-    "the {} ones ruin everything",
+    ("nobody wants", "the {} ones"),
+    ("keep out", "the {} ones"),
+    ("no room here", "for {} ones"),
+    ("get rid of", "the {} ones"),
 )
-PHRASES = tuple((t.format(a).upper(), c) for c in CLASSES for a in ADJECTIVES[c] for t in TEMPLATES)
-"""(top caption, target class): 16 phrases per class."""
+"""Punchlines (bottom captions) as two lines: the line break never depends on the adjective."""
+PHRASES = tuple(
+    (tuple(line.format(a).upper() for line in t), c)
+    for c in CLASSES
+    for a in ADJECTIVES[c]
+    for t in TEMPLATES
+)
+"""(punchline lines, target class): 16 phrases per class."""
 
 COLOURS = {
     "red": (215, 40, 40),
@@ -52,6 +75,13 @@ COLOURS = {
     "orange": (245, 135, 25),
 }
 COUNT_WORDS = {2: "TWO", 3: "THREE", 4: "FOUR", 5: "FIVE"}
+SCENE_TINTS = {"circle": (1, -1, -1), "square": (-1, 1, -1), "triangle": (-1, -1, 1), "star": (1, 1, 1)}
+"""Direction of each image class's background tint from grey: rose, green, blue and pale. They are the
+corners of a regular tetrahedron, so every two classes are equally far apart in colour."""
+SCENE_GREY, SCENE_TINT, SCENE_JITTER = 150, 45, 15
+"""Background base colour: grey + SCENE_TINT * direction, each channel jittered by +-SCENE_JITTER."""
+CAPTION_SCALE = (0.8, 1.0)
+"""Range of each caption's font size relative to the corpus size: line lengths vary with it."""
 SHOWINGS = 2 * (len(CLASSES) - 1)
 """Memes per phrase per cycle: K-1 on its target class (hateful), one on each other class (benign)."""
 CYCLE = len(PHRASES) * SHOWINGS
@@ -70,18 +100,19 @@ class MemeFactors:
     index: int
     image_class: str
     target_class: str
-    top: str
+    punchline: tuple[str, str]
     colour: str
     count: int
 
     @property
-    def bottom(self) -> str:
+    def setup(self) -> str:
+        """The top caption: the shapes' count and colour, which both modalities show."""
         return f"{COUNT_WORDS[self.count]} {self.colour.upper()} ONES"
 
     @property
     def text(self) -> str:
-        """Exactly the words drawn on the image, top caption first."""
-        return f"{self.top} {self.bottom}"
+        """Exactly the words drawn on the image, in reading order: setup, then punchline."""
+        return f"{self.setup} {' '.join(self.punchline)}"
 
     @property
     def hateful(self) -> int:
@@ -101,13 +132,13 @@ def meme_factors(seed: int, index: int, unlabeled: bool = False) -> MemeFactors:
     """The factors of meme ``index``; the unlabeled pool is a separate stream of the same generator."""
     pool = _POOLS["unlabeled" if unlabeled else "labeled"]
     slot = int(_cycle_order(seed, pool, index // CYCLE)[index % CYCLE])
-    top, target = PHRASES[slot // SHOWINGS]
+    punchline, target = PHRASES[slot // SHOWINGS]
     showing = slot % SHOWINGS - (len(CLASSES) - 1)  # negative: on the target class
     image_class = target if showing < 0 else [c for c in CLASSES if c != target][showing]
     rng = _rng(seed, pool, _ATTRIBUTES, index)  # never sees the label: colour and count stay neutral
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     count = int(rng.integers(min(COUNT_WORDS), max(COUNT_WORDS) + 1))
-    return MemeFactors(seed, pool, index, image_class, target, top, colour, count)
+    return MemeFactors(seed, pool, index, image_class, target, punchline, colour, count)
 
 
 @lru_cache(maxsize=16)
@@ -115,39 +146,53 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def _wrap(words: list[str], font: ImageFont.FreeTypeFont, width: float) -> list[str]:
-    lines = [words[0]]
-    for word in words[1:]:
-        candidate = f"{lines[-1]} {word}"
-        if font.getlength(candidate) <= width:
-            lines[-1] = candidate
-        else:
-            lines.append(word)
-    return lines
+@lru_cache(maxsize=8)
+def caption_font_size(image_size: int) -> int:
+    """The largest font size at which every caption line of the corpus fits the width.
 
-
-@lru_cache(maxsize=1024)
-def _caption(text: str, image_size: int) -> Image.Image:
-    """White text with a black outline, centred, in at most two lines, as large as fits the width.
-
-    Captions come from a small set, so each is drawn once per size and then pasted (fast packing).
+    One size for all captions (before each meme's jitter), so the size never tells the phrase.
     """
-    width = 0.94 * image_size
-    size = max(8, round(0.1 * image_size))
-    while True:
-        font = _font(size)
-        lines = _wrap(text.split(), font, width)
-        if size <= 6 or (len(lines) <= 2 and max(font.getlength(line) for line in lines) <= width):
-            break
+    lines = [line for lines, _ in PHRASES for line in lines]
+    lines += [f"{word} {colour.upper()} ONES" for word in COUNT_WORDS.values() for colour in COLOURS]
+    size = max(6, round(0.1 * image_size))
+    while size > 6 and max(_font(size).getlength(line) for line in lines) > 0.94 * image_size:
         size -= 1
+    return size
+
+
+@lru_cache(maxsize=4096)
+def _caption(lines: tuple[str, ...], size: int) -> Image.Image:
+    """White text with a black outline in meme style, each line centred, on a transparent block.
+
+    Captions come from a small set, so each is drawn once per font size and then pasted (fast packing).
+    """
+    font = _font(size)
     stroke = max(1, round(size / 8))
     step = round(size * 1.1) + stroke
-    block = Image.new("RGBA", (image_size, step * len(lines) + stroke), (0, 0, 0, 0))
+    width = max(round(font.getlength(line)) for line in lines) + 2 * stroke
+    block = Image.new("RGBA", (width, step * len(lines) + stroke), (0, 0, 0, 0))
     draw = ImageDraw.Draw(block)
     for i, line in enumerate(lines):
-        xy = (image_size / 2, i * step + stroke)
-        draw.text(xy, line, font=font, fill="white", stroke_width=stroke, stroke_fill="black", anchor="ma")
+        draw.text(
+            (width / 2, i * step + stroke),
+            line,
+            font=font,
+            fill="white",
+            stroke_width=stroke,
+            stroke_fill="black",
+            anchor="ma",
+        )
     return block
+
+
+def _place_caption(image: Image.Image, lines: tuple[str, ...], rng: np.random.Generator, top: bool):
+    """Paste a caption at the top or bottom with a jittered font size and offset, as memes vary."""
+    s = image.width
+    caption = _caption(lines, max(6, round(caption_font_size(s) * rng.uniform(*CAPTION_SCALE))))
+    margin = max(1, s // 50)
+    x = round(rng.uniform(0, max(0, s - caption.width)))
+    y = margin + round(rng.uniform(0, 2 * margin))
+    image.paste(caption, (x, y if top else s - y - caption.height), caption)
 
 
 def _shape(kind: str, x: float, y: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -163,10 +208,11 @@ def _shape(kind: str, x: float, y: float, r: float, angle: float) -> list[tuple[
 
 
 def render_meme(factors: MemeFactors, image_size: int = 224) -> Image.Image:
-    """The meme as an RGB image: textured background, the shapes, then the captions on top."""
+    """The meme as an RGB image: background tinted by the class, the shapes, then the captions on top."""
     s = image_size
     rng = _rng(factors.seed, factors.pool, _LAYOUT, factors.index)
-    base = 255 * np.array(colorsys.hsv_to_rgb(rng.random(), 0.2, 0.7))  # muted, so shapes stand out
+    tint = SCENE_GREY + SCENE_TINT * np.array(SCENE_TINTS[factors.image_class])
+    base = tint + rng.uniform(-SCENE_JITTER, SCENE_JITTER, 3)  # muted, so the shapes stand out
     light = rng.normal(0, 25, (4, 4, 1)) + np.linspace(-20, 20, 4)[:, None, None]  # blotches, gradient
     noise = base + light + rng.normal(0, 12, (4, 4, 3))
     image = Image.fromarray(noise.clip(0, 255).astype(np.uint8)).resize((s, s), Image.Resampling.BILINEAR)
@@ -187,10 +233,8 @@ def render_meme(factors: MemeFactors, image_size: int = 224) -> Image.Image:
         else:
             points = _shape(factors.image_class, x, y, r, rng.uniform(-0.35, 0.35))
             draw.polygon(points, fill=fill, outline=outline, width=line)
-    margin = max(1, s // 50)
-    top, bottom = _caption(factors.top, s), _caption(factors.bottom, s)
-    image.paste(top, (0, margin), top)
-    image.paste(bottom, (0, s - margin - bottom.height), bottom)
+    _place_caption(image, (factors.setup,), rng, top=True)
+    _place_caption(image, factors.punchline, rng, top=False)
     return image
 
 
