@@ -2,6 +2,8 @@
 
     python launcher/inspect_shards.py shards=shards/synth split=train
     python launcher/inspect_shards.py shards=shards/hateful_memes split=dev_seen num_workers=4
+
+Options: any of configs/inspect_shards.yaml; --cfg job prints the config.
 """
 
 from memetrain.cli import inspect_shards
