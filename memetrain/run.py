@@ -50,8 +50,6 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=False)
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-        checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_checkpoints, accelerator)
-        _check_resume(cfg.resume, checkpointer)
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", config_yaml)
@@ -73,28 +71,50 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             raise ConfigError(
                 f"method {name} does not classify: evaluate it with eval=probe (linear probe, kNN)"
             )
-        labeled = _labeled_subset(data, manifest, cfg.seed) if method.needs_labels else None
-        train_stream = _stream(data, data.train_split, build_view(**view), encoder, cfg.seed, True, labeled)
+        stages = method.stages(cfg.trainer.max_steps)
+        _check_splits(data, manifest, label_free=not all(stage.needs_labels for stage in stages))
+        stage_dirs = [run_dir if len(stages) == 1 else run_dir / "stages" / s.name for s in stages]
+        checkpointers = [
+            Checkpointer(d / "checkpoints", cfg.trainer.keep_checkpoints, accelerator) for d in stage_dirs
+        ]
+        for checkpointer in checkpointers:
+            _check_resume(cfg.resume, checkpointer)
         val_stream = (
             _stream(data, data.dev_split, Resize(data.image_size), encoder, cfg.seed)
             if data.dev_split
             else None
         )
-
         t = cfg.trainer
-        optimizer = build_adamw(method.param_groups(t.weight_decay), t.lr, t.betas, t.eps, accelerator.device)
-        model, optimizer = accelerator.prepare(method, optimizer)
-        settings = TrainerSettings(**{f: t[f] for f in TrainerSettings.__dataclass_fields__})
-        trainer = Trainer(
-            settings, accelerator, model, optimizer, train_stream, checkpointer, config_yaml, val_stream
-        )
-        if main:
-            log.info(
-                "run %s: %s on %s (%d train memes), %d process(es) x batch %d x %d accumulation = %d per step",
-                run_dir, name, data.shards, train_stream.num_samples, accelerator.num_processes,
-                data.batch_size, accumulation, t.global_batch_size,
-            )  # fmt: skip
-        state = trainer.fit(lambda step: RunLogger(run_dir, main, step))
+        steps = skipped = 0
+        for stage, stage_dir, checkpointer in zip(stages, stage_dirs, checkpointers):
+            method.start_stage(stage)
+            if stage.needs_labels:
+                splits, labeled = data.train_split, _labeled_subset(data, manifest, cfg.seed)
+            else:
+                splits, labeled = [data.train_split, *data.unlabeled_splits], None
+            train_stream = _stream(data, splits, build_view(**view), encoder, cfg.seed, True, labeled)
+            if stage is not stages[0]:
+                accelerator.free_memory()  # the previous stage's wrapped model and optimizer
+            optimizer = build_adamw(
+                method.param_groups(t.weight_decay), t.lr, t.betas, t.eps, accelerator.device
+            )
+            model, optimizer = accelerator.prepare(method, optimizer)
+            fields = {f: t[f] for f in TrainerSettings.__dataclass_fields__}
+            settings = TrainerSettings(**{**fields, "max_steps": stage.steps})
+            trainer = Trainer(
+                settings, accelerator, model, optimizer, train_stream, checkpointer, config_yaml, val_stream
+            )
+            if main:
+                log.info(
+                    "run %s: %s%s on %s (%d train memes), %d process(es) x batch %d x %d accumulation = %d per step",
+                    run_dir, name, "" if len(stages) == 1 else f" stage {stage.name}", "+".join(
+                        [splits] if isinstance(splits, str) else splits), train_stream.num_samples,
+                    accelerator.num_processes, data.batch_size, accumulation, t.global_batch_size,
+                )  # fmt: skip
+            state = trainer.fit(lambda step, d=stage_dir: RunLogger(d, main, step))
+            steps, skipped = steps + state.step, skipped + state.skipped_steps
+            if stage is not stages[-1]:
+                trainer.logger.close()
 
         eval_streams = {
             split: _stream(data, split, Resize(data.image_size), encoder, cfg.seed)
@@ -134,8 +154,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "data": {"shards": data.shards, "source": manifest.source, "label_fraction": data.label_fraction},
             "seed": cfg.seed,
-            "steps": state.step,
-            "skipped_steps": state.skipped_steps,
+            "steps": steps,
+            "skipped_steps": skipped,
             "world_size": accelerator.num_processes,
             "protocols": protocols,
         }
@@ -152,7 +172,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def _stream(
     data: DictConfig,
-    split: str,
+    split: str | list[str],
     view,
     encoder: TextEncoder | None,
     seed: int,
@@ -172,6 +192,27 @@ def _stream(
         verify_checksums=data.verify_checksums,
     )
     return MemeStream(data.shards, split, settings, view, encoder, subset=subset)
+
+
+def _check_splits(data: DictConfig, manifest: Manifest, label_free: bool) -> None:
+    """Every split the run reads must be in the pack (the unlabeled ones only if a stage trains
+    without labels), or the run stops before training."""
+    named = {
+        "data.train_split": [data.train_split],
+        "data.dev_split": [data.dev_split] if data.dev_split else [],
+        "data.eval_splits": list(data.eval_splits),
+        "data.unlabeled_splits": list(data.unlabeled_splits) if label_free else [],
+    }
+    for option, splits in named.items():
+        missing = [split for split in splits if split not in manifest.splits]
+        if missing:
+            hint = (
+                " or [] (for SynthMemes, pack with unlabeled=N)" if option == "data.unlabeled_splits" else ""
+            )
+            raise ConfigError(
+                f"{option} names {missing}, which the pack at {manifest.root} does not have (it has "
+                f"{', '.join(manifest.splits)}); set {option} to splits it has{hint}"
+            )
 
 
 def _labeled_subset(data: DictConfig, manifest: Manifest, seed: int) -> np.ndarray:

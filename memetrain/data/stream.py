@@ -382,7 +382,8 @@ class StreamSettings:
 
 
 class MemeStream:
-    """Batches of one split for this rank; iterate it once per epoch.
+    """Batches of one split (or of several, as one: ``["train", "unlabeled"]``) for this rank;
+    iterate it once per epoch. ``subset`` indexes the samples split-wide, in manifest order.
 
     ``state_dict()`` records the epoch and the batches delivered so far; a new stream given that
     state continues exactly where this one stopped (same world size and workers required).
@@ -391,7 +392,7 @@ class MemeStream:
     def __init__(
         self,
         shards: str | Path,
-        split: str,
+        split: str | Sequence[str],
         settings: StreamSettings,
         view: Callable,
         text_encoder: TextEncoder | None = None,
@@ -400,11 +401,13 @@ class MemeStream:
         subset: Sequence[int] | None = None,
     ):
         self.manifest = Manifest.load(shards)
-        self.split = split
-        self.manifest.verify(split, checksums=settings.verify_checksums)
-        info = self.manifest.split(split)
-        self.shard_paths = [self.manifest.shard_path(shard) for shard in info.shards]
-        self.shard_positions = _positions_per_shard([shard.samples for shard in info.shards], subset)
+        splits = [split] if isinstance(split, str) else list(split)
+        self.split = "+".join(splits)
+        for name in splits:
+            self.manifest.verify(name, checksums=settings.verify_checksums)
+        shard_infos = [shard for name in splits for shard in self.manifest.split(name).shards]
+        self.shard_paths = [self.manifest.shard_path(shard) for shard in shard_infos]
+        self.shard_positions = _positions_per_shard([shard.samples for shard in shard_infos], subset)
         self.shard_sizes = [len(positions) for positions in self.shard_positions]
         self.num_samples = sum(self.shard_sizes)
         self.subset_digest = (

@@ -1,5 +1,6 @@
 """Losses as small building blocks; each returns a scalar and documents its shapes."""
 
 from memetrain.losses.classification import focal_loss, masked_bce
+from memetrain.losses.reconstruction import cross_reconstruction_loss
 
-__all__ = ["focal_loss", "masked_bce"]
+__all__ = ["cross_reconstruction_loss", "focal_loss", "masked_bce"]

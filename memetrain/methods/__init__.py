@@ -7,11 +7,11 @@ and one config in ``configs/method/``; every module in this package is imported 
 import importlib
 import pkgutil
 
-from memetrain.methods.base import Method
+from memetrain.methods.base import Method, Stage
 from memetrain.methods.registry import METHODS, DataInfo, build_method, register
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("base", "registry"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "DataInfo", "Method", "build_method", "register"]
+__all__ = ["METHODS", "DataInfo", "Method", "Stage", "build_method", "register"]

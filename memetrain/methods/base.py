@@ -9,6 +9,7 @@ linear probe, kNN or t-SNE) and, for methods that classify, ``predict``.
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,17 @@ from torch import Tensor, nn
 from memetrain.engine.optim import decay_groups
 
 Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One phase of a run with its own optimizer, schedule and checkpoints: ``steps`` optimizer
+    steps on the labeled fraction of the training split (``needs_labels``), or else on every
+    training meme, the data's unlabeled splits included."""
+
+    name: str
+    steps: int
+    needs_labels: bool
 
 
 class Method(nn.Module, metaclass=ABCMeta):
@@ -52,6 +64,13 @@ class Method(nn.Module, metaclass=ABCMeta):
     def classifies(self) -> bool:
         """Whether this method overrides ``predict`` (the ``classifier`` eval protocol needs it)."""
         return type(self).predict is not Method.predict
+
+    def stages(self, max_steps: int) -> list[Stage]:
+        """The phases of training, run in order in one job; by default one of ``max_steps`` steps."""
+        return [Stage("train", max_steps, self.needs_labels)]
+
+    def start_stage(self, stage: Stage) -> None:
+        """Called before each stage is built: freeze or unfreeze parts here."""
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups; by default no decay on biases and norms."""

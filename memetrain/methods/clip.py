@@ -40,7 +40,7 @@ from memetrain.models.weights import TORCH_SUFFIXES, describe_mismatch
 log = logging.getLogger(__name__)
 
 TOWERS = ("memetrain", "open_clip")
-EMBEDS = ("both", "image", "text")
+EMBEDS = ("both", "align", "image", "text")
 
 
 class MemetrainTowers(nn.Module):
@@ -192,6 +192,7 @@ class Clip(Method):
                 raise ConfigError("method.open_clip_model and open_clip_weights need method.tower=open_clip")
             image, text = _memetrain_model(data.complete(model))
             self.model = MemetrainTowers(image, text, embed_dim, init_logit_scale)
+            self.embed_dim = embed_dim
         elif tower == "open_clip":
             if any(model.get(part) is not None for part in ("image", "text", "head")):
                 raise ConfigError(
@@ -206,6 +207,7 @@ class Clip(Method):
             self.model = OpenClipTowers(
                 open_clip_model, open_clip_weights, open_clip_image_size, init_logit_scale
             )
+            self.embed_dim = self.model.clip.visual.output_dim
         else:
             raise ConfigError(f"method.tower={tower!r}: choose one of {', '.join(TOWERS)}")
 
@@ -248,8 +250,12 @@ class Clip(Method):
         return {**losses, **report}
 
     def embed(self, batch: Batch) -> Tensor:
-        """L2-normalised embeddings: ``both`` concatenates image and text, ``[B, 2D]``, so a linear
-        probe sees both modalities (a meme's label needs both); ``image`` or ``text`` alone, ``[B, D]``."""
+        """L2-normalised embeddings: ``both`` concatenates image and text, ``[B, 2D]``; ``align`` is
+        their element-wise product, ``[B, D]`` (Hate-CLIPper's align fusion: a linear probe on it can
+        weigh how well each shared dimension agrees, which a meme's label needs and a probe on ``both``
+        cannot express); ``image`` or ``text`` alone, ``[B, D]``."""
+        if self.embed_kind == "align":
+            return self.encode_image(batch) * self.encode_text(batch)
         parts = []
         if self.embed_kind in ("both", "image"):
             parts.append(self.encode_image(batch))

@@ -119,6 +119,17 @@ def test_unlabeled_split_has_label_minus_one(synth_shards):
     assert (batch["label"] == -1).all()
 
 
+def test_several_splits_stream_as_one(synth_shards):
+    manifest = Manifest.load(synth_shards)
+    s = stream(synth_shards, ["train", "unlabeled"], batch_size=8, drop_last=False, num_workers=2)
+    ids = ids_of(list(s))
+    assert len(ids) == len(set(ids)) == manifest.split("train").samples + manifest.split("unlabeled").samples
+    assert sum(key.startswith("synthu") for key in ids) == manifest.split("unlabeled").samples
+    assert s.state_dict()["split"] == "train+unlabeled"
+    with pytest.raises(StreamError, match="split=.train"):
+        stream(synth_shards, "train").load_state_dict(s.state_dict())
+
+
 def test_same_seed_same_batches_other_seed_or_epoch_other_order(synth_shards):
     first = list(stream(synth_shards, num_workers=2, seed=5))
     again = list(stream(synth_shards, num_workers=2, seed=5))

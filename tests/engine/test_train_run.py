@@ -149,6 +149,11 @@ def test_a_run_killed_with_sigkill_resumes_to_identical_weights(synth_shards, fi
         (["trainer.global_batch_size=24"], "error: trainer.global_batch_size=24 is not a multiple"),
         (["resume=maybe"], "error: resume='maybe'"),
         (
+            ["method=clip", "model=clip_small", "eval=probe", "data.unlabeled_splits=[pool]"],
+            "error: data.unlabeled_splits names ['pool'], which the pack at",
+        ),
+        (["data.eval_splits=[dev,tset]"], "error: data.eval_splits names ['tset']"),
+        (
             ["method=dino", "model=backbone_resnet18"],
             "error: method dino does not classify: evaluate it with eval=probe",
         ),
