@@ -83,6 +83,28 @@ class ImageEncoder(nn.Module):
         dtype = next(self.model.parameters()).dtype
         return self.model(self.normalize(images, dtype))  # [B, out_dim]
 
+    @property
+    def has_feature_map(self) -> bool:
+        """Whether timm can return this backbone's spatial features (:meth:`feature_map`)."""
+        return hasattr(self.model, "forward_intermediates") and hasattr(self.model, "feature_info")
+
+    @property
+    def map_dim(self) -> int:
+        """Channels of :meth:`feature_map` (VGG's are narrower than ``out_dim``, its pre-logits MLP's)."""
+        return self.model.feature_info[-1]["num_chs"]
+
+    def feature_map(self, images: Tensor) -> Tensor:
+        """uint8 ``[B, 3, H, W]`` to the last stage's features before global pooling, ``[B, map_dim, h, w]``.
+
+        A CNN's final feature map; a ViT's patch tokens laid out on their grid (prefix tokens
+        dropped, final norm applied). Layers after the last stage (VGG's pre-logits MLP) are not run.
+        """
+        dtype = next(self.model.parameters()).dtype
+        (features,) = self.model.forward_intermediates(
+            self.normalize(images, dtype), indices=1, norm=True, intermediates_only=True, output_fmt="NCHW"
+        )
+        return features  # [B, map_dim, h, w]
+
 
 def create_backbone(name: str, image_size: int | None, pretrained: str | None) -> nn.Module:
     """``timm.create_model`` with no classifier, strict local weights and no hub access."""

@@ -66,7 +66,7 @@ class TransformerTextEncoder(nn.Module):
     directory (:meth:`from_pretrained`). ``pooling`` is ``cls`` (the first token's final state) or
     ``mean`` (the average over real tokens). The model's pooler is dropped: it is unused here, and
     unused parameters break DistributedDataParallel. MMBT-style models call :meth:`input_embeddings`
-    and pass their own ``inputs_embeds``.
+    and pass their own ``inputs_embeds``, with the segment and position of every token.
     """
 
     def __init__(
@@ -165,11 +165,24 @@ class TransformerTextEncoder(nn.Module):
         return self.model.get_input_embeddings()
 
     def forward(
-        self, input_ids: Tensor | None, attention_mask: Tensor, inputs_embeds: Tensor | None = None
+        self,
+        input_ids: Tensor | None,
+        attention_mask: Tensor,
+        inputs_embeds: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
     ) -> Tensor:
-        """``input_ids`` ``[B, L]`` or ``inputs_embeds`` ``[B, L, hidden]``, and ``attention_mask`` ``[B, L]``."""
+        """``input_ids`` ``[B, L]`` or ``inputs_embeds`` ``[B, L, hidden]``, and ``attention_mask`` ``[B, L]``.
+
+        ``token_type_ids`` (segments) and ``position_ids`` ``[B, L]`` default to segment 0 and positions
+        ``0 .. L-1``; the model adds their embeddings to the token embeddings either way.
+        """
         hidden = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
         ).last_hidden_state  # [B, L, hidden]
         if self.pooling == "cls":
             return hidden[:, 0]  # [B, hidden]
