@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memetrain.errors import ConfigError
-from memetrain.losses import focal_loss, masked_bce
 from memetrain.methods.base import Batch, Method
+from memetrain.methods.objective import ClassificationObjective
 from memetrain.methods.registry import DataInfo, register
 from memetrain.models import (
     ImageEncoder,
@@ -75,20 +75,12 @@ class MMBT(Method):
         init: dict[str, dict[str, str] | None] | None = None,
     ):
         super().__init__()
-        self.targets = list(targets or [data.main_label])
-        unknown = [name for name in self.targets if name not in data.label_names]
-        if unknown:
-            raise ConfigError(
-                f"method.targets {unknown} are not labels of this data; it has {data.label_names}"
-            )
-        if loss not in ("bce", "focal"):
-            raise ConfigError(f"method.loss={loss!r}: choose bce or focal")
+        self.objective = ClassificationObjective(data, targets, loss, focal_gamma)
+        self.targets = self.objective.targets
         if num_image_tokens < 1:
             raise ConfigError(
                 f"method.num_image_tokens={num_image_tokens}: give at least 1 (the paper's is 3)"
             )
-        self.target_index = [data.label_names.index(name) for name in self.targets]
-        self.loss, self.focal_gamma = loss, focal_gamma
         self.num_image_tokens = num_image_tokens
 
         image, text = _model_parts(data.complete(model))
@@ -160,17 +152,7 @@ class MMBT(Method):
         return self.output(self.dropout(self.embed(batch)))  # [B, targets]
 
     def training_step(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        logits = self.predict(batch)  # [B, targets]
-        targets = batch["labels"][:, self.target_index]  # [B, targets], -1 where unlabeled
-        if self.loss == "focal":
-            loss = focal_loss(logits, targets, gamma=self.focal_gamma)
-        else:
-            loss = masked_bce(logits, targets)
-        with torch.no_grad():
-            main = targets[:, 0] >= 0
-            correct = ((logits[:, 0] > 0).long() == targets[:, 0])[main]
-            accuracy = correct.float().mean() if main.any() else logits.new_zeros(())
-        return {"cls_loss": loss}, {"accuracy": accuracy}
+        return self.objective(self.predict(batch), batch["labels"])
 
 
 def _model_parts(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

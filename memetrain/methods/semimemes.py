@@ -32,10 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from memetrain.errors import ConfigError
-from memetrain.losses import cross_reconstruction_loss, focal_loss, masked_bce
+from memetrain.losses import cross_reconstruction_loss
 from memetrain.losses.monitor import embedding_std
 from memetrain.methods.base import Batch, Method, Stage
 from memetrain.methods.clip import Clip
+from memetrain.methods.objective import ClassificationObjective
 from memetrain.methods.registry import DataInfo, register
 from memetrain.models.autoencoder import CrossModalAutoencoder
 from memetrain.models.heads import mlp
@@ -66,18 +67,10 @@ class SemiMemes(Method):
         targets: list[str] | None = None,
     ):
         super().__init__()
-        if loss not in ("bce", "focal"):
-            raise ConfigError(f"method.loss={loss!r}: choose bce or focal")
         if autoencoder_steps < 1:
             raise ConfigError(f"method.autoencoder_steps={autoencoder_steps} must be at least 1")
-        self.targets = list(targets or [data.main_label])
-        unknown = [name for name in self.targets if name not in data.label_names]
-        if unknown:
-            raise ConfigError(
-                f"method.targets {unknown} are not labels of this data; it has {data.label_names}"
-            )
-        self.target_index = [data.label_names.index(name) for name in self.targets]
-        self.loss, self.focal_gamma, self.autoencoder_steps = loss, focal_gamma, autoencoder_steps
+        self.objective = ClassificationObjective(data, targets, loss, focal_gamma)
+        self.targets, self.autoencoder_steps = self.objective.targets, autoencoder_steps
 
         self.clip = _frozen_clip(model, data, dict(clip))
         dim = self.clip.embed_dim
@@ -121,17 +114,7 @@ class SemiMemes(Method):
             report = {name: value for name, value in terms.items() if not name.endswith("_loss")}
             report["embedding_std_latent"] = embedding_std(self.image_to_text.encode(image).detach())
             return {"reconstruction_loss": terms["reconstruction_loss"]}, report
-        logits = self.output(self._cooked(image, text))  # [B, targets]
-        targets = batch["labels"][:, self.target_index]
-        if self.loss == "focal":
-            loss = focal_loss(logits, targets, gamma=self.focal_gamma)
-        else:
-            loss = masked_bce(logits, targets)
-        with torch.no_grad():
-            labeled = targets[:, 0] >= 0
-            correct = ((logits[:, 0] > 0).long() == targets[:, 0])[labeled]
-            accuracy = correct.float().mean() if labeled.any() else logits.new_zeros(())
-        return {"cls_loss": loss}, {"accuracy": accuracy}
+        return self.objective(self.output(self._cooked(image, text)), batch["labels"])
 
     def _cooked(self, image: Tensor, text: Tensor) -> Tensor:
         """The classifier's hidden representation of raw and auto-encoded features ``[B, width]``."""
