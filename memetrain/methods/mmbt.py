@@ -38,8 +38,8 @@ from memetrain.models import (
     TransformerTextEncoder,
     build_image_encoder,
     build_text_encoder,
-    load_weights,
 )
+from memetrain.models.weights import load_encoder_inits
 
 IMAGE_SEGMENT, TEXT_SEGMENT = 0, 1
 
@@ -92,11 +92,7 @@ class MMBT(Method):
         self.image_projection = nn.Linear(self.image_encoder.map_dim, hidden)
         self.dropout = nn.Dropout(dropout)
         self.output = nn.Linear(hidden, len(self.targets))
-        for part, spec in (init or {}).items():
-            if spec is not None:
-                if part not in ("image", "text"):
-                    raise ConfigError(f"method.init.{part}: MMBT starts only image and text from weights")
-                load_weights(getattr(self, f"{part}_encoder"), spec["path"], spec["prefix"])
+        load_encoder_inits({"image": self.image_encoder, "text": self.text_encoder}, init)
 
     def image_tokens(self, images: Tensor) -> Tensor:
         """uint8 ``[B, 3, H, W]`` to ``N`` horizontal bands of the feature map, projected: ``[B, N, hidden]``."""

@@ -12,11 +12,11 @@ from typing import Any
 
 from torch import Tensor
 
-from memetrain.errors import ConfigError
 from memetrain.methods.base import Batch, Method
 from memetrain.methods.objective import ClassificationObjective
 from memetrain.methods.registry import DataInfo, register
-from memetrain.models import build_classifier, load_weights
+from memetrain.models import build_classifier
+from memetrain.models.weights import load_encoder_inits
 
 
 @register
@@ -37,12 +37,7 @@ class Supervised(Method):
         self.objective = ClassificationObjective(data, targets, loss, focal_gamma)
         self.targets = self.objective.targets
         self.model = build_classifier(num_outputs=len(self.targets), **data.complete(model))
-        for part, spec in (init or {}).items():
-            if spec is not None:
-                encoder = getattr(self.model, f"{part}_encoder", None)
-                if encoder is None:
-                    raise ConfigError(f"method.init.{part} is set but the model has no {part} encoder")
-                load_weights(encoder, spec["path"], spec["prefix"])
+        load_encoder_inits({"image": self.model.image_encoder, "text": self.model.text_encoder}, init)
 
     def training_step(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         return self.objective(self.model(batch), batch["labels"])

@@ -88,6 +88,23 @@ def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> None:
     module.load_state_dict(state, strict=True)
 
 
+def load_encoder_inits(
+    encoders: dict[str, nn.Module | None], init: dict[str, dict[str, str] | None] | None
+) -> None:
+    """``method.init``: start each encoder named in ``init`` (``image``, ``text``) from ``spec["path"]``
+    under ``spec["prefix"]``, strictly; a part the model does not have is a :class:`ConfigError`."""
+    for part, spec in (init or {}).items():
+        if spec is None:
+            continue
+        encoder = encoders.get(part)
+        if encoder is None:
+            have = ", ".join(name for name, module in encoders.items() if module is not None)
+            raise ConfigError(
+                f"method.init.{part} is set but the model has no {part} encoder (it has {have})"
+            )
+        load_weights(encoder, spec["path"], spec["prefix"])
+
+
 def describe_mismatch(missing: Iterable[str], unexpected: Iterable[str], shapes: Iterable[str] = ()) -> str:
     """Counts and a few examples of missing names, unexpected names and shape mismatches."""
     parts = []

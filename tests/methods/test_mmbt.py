@@ -183,7 +183,7 @@ def test_our_own_weights_in_method_init(tmp_path):
         (None, {"num_image_tokens": 511}, "need 513 positions, but .* max_position_embeddings=512"),
         (None, {"targets": ["offensive"]}, "not labels of this data"),
         (None, {"loss": "mse"}, "choose bce or focal"),
-        (None, {"init": {"head": {"path": "x", "prefix": ""}}}, "only image and text"),
+        (None, {"init": {"head": {"path": "x", "prefix": ""}}}, "has no head encoder"),
     ],
 )
 def test_unusable_configs_are_refused_with_the_fix(model, options, message):
