@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -168,24 +169,34 @@ def new_process(root: Path) -> None:
     )
 
 
-def seconds(function, *args, repeats: int) -> list[float]:
-    """Wall seconds of ``repeats`` calls after one warm-up call."""
+def seconds(function, *args, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds (this process and its children) of ``repeats`` calls after a warm-up.
+
+    CPU seconds are what the call costs with a core to itself; on a shared machine the wall
+    seconds also hold the waits for one."""
     function(*args)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), cpu_seconds()
         function(*args)
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(cpu_seconds() - start_cpu)
+    return wall, cpu
 
 
-def row(name: str, times: list[float], ratio: str = "", target: str = "") -> str:
-    spread = f"{min(times):.2f}–{max(times):.2f}" if len(times) > 1 else "–"
-    return f"| {name} | {statistics.median(times):.2f} s | {spread} | {ratio} | {target} |"
+def cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def target(times: list[float]) -> str:
-    value = statistics.median(times)
+def row(name: str, times: tuple[list[float], list[float]], ratio: str = "", target: str = "") -> str:
+    wall, cpu = times
+    spread = f"{min(wall):.2f}–{max(wall):.2f}" if len(wall) > 1 else "–"
+    return f"| {name} | {statistics.median(wall):.2f} s | {spread} | {statistics.median(cpu):.2f} s | {ratio} | {target} |"
+
+
+def target(times: tuple[list[float], list[float]]) -> str:
+    value = statistics.median(times[0])
     return f"<= {TARGET_SECONDS:g} s ({'met' if value <= TARGET_SECONDS else 'not yet'}: {value / TARGET_SECONDS:.2f}x)"
 
 
@@ -209,14 +220,14 @@ def main(argv: list[str] | None = None) -> None:
             rows = (layout / "table.csv").read_text().splitlines()[1:]
             assert len(rows) == groups, f"{layout.name}: {len(rows)} rows collected, {groups} expected"
 
-    def vs_floor(times: list[float]) -> str:
-        return f"{statistics.median(times) / statistics.median(floor):.1f}x the floor"
+    def vs_floor(times: tuple[list[float], list[float]]) -> str:
+        return f"{statistics.median(times[0]) / statistics.median(floor[0]):.1f}x the floor"
 
     runs = f"{args.runs} runs ({groups} rows x {args.seeds} seeds)"
     table = "\n".join(
         [
-            "| benchmark | median | spread (min–max) | ratio | target |",
-            "|---|---|---|---|---|",
+            "| benchmark | median (wall) | spread (min–max) | CPU (median) | ratio (wall) | target (wall) |",
+            "|---|---|---|---|---|---|",
             row(
                 f"collect_sweep, sweep.json layout, {runs}",
                 timed["sweep"],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,11 @@ class Cell:
     def n(self) -> int:
         return len(self.values)
 
-    @property
+    @cached_property  # read once the group is complete; every format and the chart reuse it
     def mean(self) -> float | None:
         return float(np.mean(self.values)) if self.values else None
 
-    @property
+    @cached_property
     def std(self) -> float | None:
         """Sample standard deviation (ddof=1); None for fewer than two runs."""
         return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else None
