@@ -43,7 +43,7 @@ def plot_table(table: Table, path: Path) -> Path:
     ax.set_yticks(y, [row.label for row in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    where = table.evaluated.replace("/", " on ") if table.evaluated else "per row"
+    where = f"{table.protocol or 'protocol per row'} on {table.split or 'split per row'}"
     title = f"{where}: mean ± sample std (ddof=1) over seeds"
     if len(table.rows) > MAX_ROWS:
         title += f"\nfirst {MAX_ROWS} of {len(table.rows)} rows (all in table.md)"

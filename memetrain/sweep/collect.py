@@ -60,7 +60,8 @@ class Row:
     jobs: int  # jobs in the group
     seeds: list[int | None]  # seeds of the runs counted
     cells: dict[str, Cell]
-    evaluated: str  # "protocol/split" of the runs counted ("" when none)
+    protocol: str  # whose metrics its runs counted ("" when none; "a, b" when they differ)
+    split: str  # on which evaluation split (the same)
     method: str | None  # the method its results.json names (None when its runs disagree or none counted)
     mami: bool  # some run of the group ran on MAMI
     first_counted: Job | None  # whose settings and config speak for the group when matching published rows
@@ -73,7 +74,8 @@ class Table:
     metrics: list[str]
     columns: list[str]  # the setting keys that name the rows, in order
     common: dict[str, Any]  # settings every row shares
-    evaluated: str | None  # "protocol/split" of every row, None when rows differ
+    protocol: str | None  # of every row; None when rows differ (a Protocol column says)
+    split: str | None  # of every row; None when rows differ (a Split column says)
     reference: ReferenceTable | None
     not_counted: list[str]  # jobs and runs left out of the cells, with why
     unmatched: list[str]  # published rows without a group here
@@ -116,7 +118,7 @@ def build_table(sweep_dir: Path, reference: ReferenceTable | None, protocol: str
     rows = []
     for key, group_jobs in groups.items():
         cells = {metric: Cell() for metric in (*METRICS, MAMI_METRIC)}
-        seeds, evaluated, sources, methods, counted = [], set(), set(), set(), []
+        seeds, protocols, splits, sources, methods, counted = [], set(), set(), set(), set(), []
         for job in group_jobs:
             results = _read_results(job)
             if results is None:
@@ -136,7 +138,8 @@ def build_table(sweep_dir: Path, reference: ReferenceTable | None, protocol: str
             used_protocol, used_split, metrics = chosen
             seeds.append(seed)
             counted.append(job)
-            evaluated.add(f"{used_protocol}/{used_split}")
+            protocols.add(used_protocol)
+            splits.add(used_split)
             sources.add(results.get("data", {}).get("source"))
             methods.add(results.get("method"))
             for metric, cell in cells.items():
@@ -154,7 +157,8 @@ def build_table(sweep_dir: Path, reference: ReferenceTable | None, protocol: str
             jobs=len(group_jobs),
             seeds=seeds,
             cells=cells,
-            evaluated=", ".join(sorted(evaluated)),
+            protocol=", ".join(sorted(protocols)),
+            split=", ".join(sorted(splits)),
             method=next(iter(methods)) if len(methods) == 1 else None,
             mami="mami" in sources,
             first_counted=counted[0] if counted else None,
@@ -170,7 +174,8 @@ def build_table(sweep_dir: Path, reference: ReferenceTable | None, protocol: str
     metrics = [*METRICS, MAMI_METRIC] if any(row.mami for row in rows) else list(METRICS)
     for row in rows:
         row.cells = {metric: row.cells[metric] for metric in metrics}
-    evaluated = {row.evaluated for row in rows if row.evaluated}
+    row_protocols = {row.protocol for row in rows if row.protocol}
+    row_splits = {row.split for row in rows if row.split}
     unmatched = _match_reference(reference, rows) if reference else []
     columns = list(dict.fromkeys(k for row in rows for k in row.items))
     return Table(
@@ -178,7 +183,8 @@ def build_table(sweep_dir: Path, reference: ReferenceTable | None, protocol: str
         metrics=metrics,
         columns=columns,
         common=common,
-        evaluated=next(iter(evaluated)) if len(evaluated) == 1 else None,
+        protocol=next(iter(row_protocols)) if len(row_protocols) == 1 else None,
+        split=next(iter(row_splits)) if len(row_splits) == 1 else None,
         reference=reference,
         not_counted=not_counted,
         unmatched=unmatched,
@@ -211,7 +217,7 @@ def _why_no_results(job: Job) -> str:
             f"{where}: no results.json (unfinished or failed; see {job.log or job.directory / 'train.log'})"
         )
     if job.status == "failed":
-        return f"{where}: failed; log: {job.log}"
+        return f"{where}: failed{f' ({job.error})' if job.error else ''}; log: {job.log}"
     if job.status == "done":
         return f"{where}: done but {job.directory}/results.json is missing; log: {job.log}"
     return f"{where}: {job.status}"
@@ -259,13 +265,12 @@ def _match_reference(reference: ReferenceTable, rows: list[Row]) -> list[str]:
     """Attach each row's published row; return the published rows no row matched."""
     used = set()
     for row in rows:
-        if row.first_counted is None or "," in row.evaluated:
+        if row.first_counted is None or "," in row.split:
             continue
-        split = row.evaluated.split("/", 1)[1]
-        row.published = reference.row_for(_lookup(row.first_counted, row), split, f"row `{row.label}`")
+        row.published = reference.row_for(_lookup(row.first_counted, row), row.split, f"row `{row.label}`")
         if row.published is not None:
             used.add(id(row.published))
-    splits = {row.evaluated.split("/", 1)[1] for row in rows if row.evaluated and "," not in row.evaluated}
+    splits = {row.split for row in rows}
     return [
         published.label
         for published in reference.rows

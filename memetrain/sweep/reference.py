@@ -4,9 +4,10 @@
 config group and refuse ``reference=<name>`` as an override of it.)
 
 A reference table is a list of rows, each with the published label, a ``match`` of settings that
-picks our group (every key must equal the group's value: first the sweep's group values and
-overrides, then the run's resolved config keys such as ``data.image_size``), an optional split,
-and the published metrics as ``[mean, std]`` or a bare mean.
+picks our group (every key must equal the group's value, looked up in this order: the sweep's group
+values, where ``method`` is the method's label in the sweep config; the job's Hydra overrides; the
+method its results.json names; the run's resolved config keys such as ``data.image_size``), an
+optional split, and the published metrics as ``[mean, std]`` or a bare mean.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def to_csv(table: Table) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     published = _published_metrics(table)
-    header = ["row", *table.columns, "n", "jobs", "seeds", "evaluated"]
+    header = ["row", *table.columns, "n", "jobs", "seeds", "protocol", "split"]
     for metric in table.metrics:
         header += [f"{metric}_mean", f"{metric}_std", f"{metric}_n"]
     if table.reference:
@@ -52,7 +52,7 @@ def to_csv(table: Table) -> str:
     writer.writerow(header)
     for row in table.rows:
         values = [row.label, *(label({k: row.items[k]}).partition("=")[2] for k in table.columns)]
-        values += [len(row.seeds), row.jobs, " ".join(map(str, row.seeds)), row.evaluated]
+        values += [len(row.seeds), row.jobs, " ".join(map(str, row.seeds)), row.protocol, row.split]
         for metric in table.metrics:
             cell = row.cells[metric]
             values += [_full(cell.mean), _full(cell.std), cell.n]
@@ -80,9 +80,9 @@ def mean_std_text(mean: float | None, std: float | None, tex: bool = False) -> s
 
 
 def _headers(table: Table) -> list[str]:
-    split = table.evaluated.split("/", 1)[1] if table.evaluated else None
-    headers = [] if table.evaluated else ["Evaluated"]
-    headers += [f"{NAMES[m]} ({split})" if split else NAMES[m] for m in table.metrics]
+    headers = [] if table.protocol else ["Protocol"]
+    headers += [] if table.split else ["Split"]
+    headers += [f"{NAMES[m]} ({table.split})" if table.split else NAMES[m] for m in table.metrics]
     if table.reference:
         metrics = _published_metrics(table)
         headers += ["Published", *(f"{NAMES[m]} (published)" for m in metrics)]
@@ -91,9 +91,10 @@ def _headers(table: Table) -> list[str]:
 
 
 def _cells(table: Table, row: Row, tex: bool) -> list[str]:
-    """The row's cells after Model and n: evaluated (if rows differ), ours, published, deltas."""
+    """The row's cells after Model and n: protocol and split (where rows differ), ours, published, deltas."""
     text = _tex if tex else str
-    cells = [] if table.evaluated else [text(row.evaluated.replace("/", " on ") or "–")]
+    cells = [] if table.protocol else [text(row.protocol or "–")]
+    cells += [] if table.split else [text(row.split or "–")]
     cells += [_cell(row.cells[m], len(row.seeds), tex) for m in table.metrics]
     if table.reference:
         metrics = _published_metrics(table)
@@ -135,11 +136,9 @@ def _full(value: float | None) -> str:
 
 
 def _notes(table: Table, markdown: bool) -> list[str]:
-    if table.evaluated:
-        protocol, split = table.evaluated.split("/", 1)
-        where = f"{protocol} protocol on the {split} split"
-    else:
-        where = "the protocol and split in the Evaluated column"
+    protocol = f"{table.protocol} protocol" if table.protocol else "the protocol in the Protocol column"
+    split = f"the {table.split} split" if table.split else "the split in the Split column"
+    where = f"{protocol} on {split}"
     notes = [
         f"Cells: {where}; mean ± {STD} over the n seeds of each row "
         "(n: runs counted, 'k of m' when some of the row's jobs are not); a row of one run shows its value alone."

@@ -45,6 +45,7 @@ class Job:
     group: str  # identity: jobs with equal groups differ only in their seed
     settings: dict[str, Any] = field(default_factory=dict)  # what tells the group apart (seed excluded)
     overrides: dict[str, Any] = field(default_factory=dict)  # every Hydra override of the job but the seed
+    error: str | None = None  # why it failed, as sweep.json says
 
 
 def find_jobs(sweep_dir: Path) -> tuple[list[Job], list[str]]:
@@ -177,6 +178,7 @@ def _jobs_from_sweep_file(sweep_dir: Path, path: Path) -> list[Job]:
                 group=repr(sorted(group.items())),
                 settings=dict(group),
                 overrides=overrides,
+                error=entry.get("error"),
             )
         )
     return jobs

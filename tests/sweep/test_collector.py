@@ -74,25 +74,39 @@ def write_run(
 
 
 def write_sweep(sweep_dir: Path, jobs: list[dict]) -> None:
-    """sweep.json as the sweep launcher writes it: {name, overrides, group, seed, status, log} per job."""
+    """sweep.json as the sweep launcher writes it: a header and {name, group, seed, overrides, status,
+    log, error, ...} per job."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.json").write_text(json.dumps({"jobs": jobs}, indent=2))
+    (sweep_dir / "sweep.json").write_text(json.dumps({"name": sweep_dir.name, "jobs": jobs}, indent=2))
 
 
 def grid_job(
-    sweep_dir: Path, group: dict, seed: int, status: str = "done", write: bool = True, **kwargs
+    sweep_dir: Path,
+    group: dict,
+    seed: int,
+    status: str = "done",
+    write: bool = True,
+    train: list[str] | None = None,
+    **kwargs,
 ) -> dict:
+    """One job of sweep.json; its run directory too when ``write``. ``train``: the job's overrides
+    (default: the group's values as overrides, for groups keyed by override keys)."""
     name = "-".join(f"{v}" for v in group.values()) + f"-seed{seed}"
-    overrides = [f"{k}={v}" for k, v in group.items()] + [f"seed={seed}"]
+    overrides = [*(train if train is not None else [f"{k}={v}" for k, v in group.items()]), f"seed={seed}"]
     if write:
         write_run(sweep_dir / name, overrides[:-1], seed, hydra_record=False, **kwargs)
     return {
         "name": name,
-        "overrides": overrides,
         "group": group,
         "seed": seed,
+        "overrides": overrides,
+        "pretrain": None,
+        "after": None,
+        "stage": 0,
         "status": status,
         "log": str(sweep_dir / "logs" / f"{name}.log"),
+        "error": None,
+        "slurm_job_id": None,
     }
 
 
@@ -147,7 +161,7 @@ def test_failed_and_missing_jobs_are_listed_and_never_averaged(tmp_path):
     group = {"model": "lstm"}
     jobs = [
         grid_job(sweep, group, 0),
-        grid_job(sweep, group, 1, status="failed", write=False),
+        {**grid_job(sweep, group, 1, status="failed", write=False), "error": "exit code 1"},
         grid_job(sweep, group, 2, status="pending", write=False),
         grid_job(sweep, group, 3, status="done", write=False),  # done, but its results.json is gone
     ]
@@ -160,7 +174,7 @@ def test_failed_and_missing_jobs_are_listed_and_never_averaged(tmp_path):
     assert auroc == f"{metric(sweep / jobs[0]['name'], 'auroc'):.4f}"  # one run: its value, no std
     assert "Not counted (4; listed, never averaged):" in markdown
     assert "- `stray-seed0/`: a run directory that sweep.json does not list (not counted)" in markdown
-    assert f"- `lstm-seed1` (seed 1): failed; log: {jobs[1]['log']}" in markdown
+    assert f"- `lstm-seed1` (seed 1): failed (exit code 1); log: {jobs[1]['log']}" in markdown
     assert "- `lstm-seed2` (seed 2): pending" in markdown
     assert "- `lstm-seed3` (seed 3): done but" in markdown
 
@@ -300,6 +314,27 @@ def test_protocol_choice_falls_back_to_the_linear_probe_and_can_be_set(tmp_path)
     assert markdown_rows(markdown)["method=dino"][2] == f"{np.mean(knn):.4f} ± {np.std(knn, ddof=1):.4f}"
     with pytest.raises(ConfigError, match="no run in .* has classifier metrics; the runs have knn/dev"):
         collect_sweep(sweep, protocol="classifier")
+
+
+def test_rows_of_different_protocols_say_which_in_a_column(tmp_path):
+    """As in the demo sweep: classifiers beside a CLIP run evaluated by a linear probe."""
+    sweep = tmp_path / "sweep"
+    jobs = [
+        grid_job(sweep, {"method": "fusion-concat"}, 0, train=["model=fusion_concat"]),
+        grid_job(
+            sweep,
+            {"method": "clip-probe"},
+            0,
+            train=["method=clip", "eval=probe"],
+            protocols=("linear_probe",),
+        ),
+    ]
+    write_sweep(sweep, jobs)
+    markdown = collect_sweep(sweep)
+    assert markdown.splitlines()[0] == "| Model | n | Protocol | AUROC (test) | Accuracy (test) |"
+    rows = markdown_rows(markdown)
+    assert rows["method=fusion-concat"][1] == "classifier" and rows["method=clip-probe"][1] == "linear_probe"
+    assert "Cells: the protocol in the Protocol column on the test split" in markdown
 
 
 def test_a_directory_without_runs_is_a_clear_error(tmp_path):
