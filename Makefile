@@ -32,6 +32,7 @@ lint: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/collector.py
 
 clean:
 	rm -rf $(VENV) runs outputs

@@ -139,3 +139,28 @@ def train(cfg: DictConfig) -> None:
     from memetrain.run import train_and_evaluate
 
     train_and_evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="collect", version_base="1.3")
+@user_errors_exit
+def _collect(cfg: DictConfig) -> None:
+    from memetrain.sweep.collect import OUTPUTS, collect_sweep
+
+    if cfg.sweep_dir is None:
+        raise ConfigError(
+            "give the sweep directory: python launcher/collect.py runs/sweeps/<sweep> (or runs/synth)"
+        )
+    print(collect_sweep(Path(cfg.sweep_dir), cfg.reference, cfg.protocol, cfg.split), end="")
+    print(f"\nwritten: {', '.join(str(Path(cfg.sweep_dir) / name) for name in OUTPUTS)}")
+
+
+def collect() -> None:
+    """Collect a sweep into mean ± std tables (see ``configs/collect.yaml``).
+
+    ``collect.py <dir> key=value ...`` reads as ``collect.py sweep_dir=<dir> key=value ...``: the
+    directory may come first, as a plain argument, like a path to any other tool."""
+    args = sys.argv[1:]
+    if args and "=" not in args[0] and not args[0].startswith("-"):
+        quoted = args[0].replace("\\", "\\\\").replace("'", "\\'")
+        sys.argv[1:] = [f"sweep_dir='{quoted}'", *args[1:]]
+    _collect()

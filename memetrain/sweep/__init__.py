@@ -1,0 +1,1 @@
+"""Sweeps: grids of runs over seeds, and the collector that turns their results into tables."""
