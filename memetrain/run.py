@@ -73,6 +73,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             )
         stages = method.stages(cfg.trainer.max_steps)
         _check_splits(data, manifest, label_free=not all(stage.needs_labels for stage in stages))
+        targets = _targets(data, manifest)
         stage_dirs = [run_dir if len(stages) == 1 else run_dir / "stages" / s.name for s in stages]
         checkpointers = [
             Checkpointer(d / "checkpoints", cfg.trainer.keep_checkpoints, accelerator) for d in stage_dirs
@@ -145,6 +146,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             label_fraction=data.label_fraction,
             main_label=manifest.main_label,
             label_names=manifest.label_names,
+            targets=targets,
             seed=cfg.seed,
             knn_k=cfg.eval.knn_k,
             tsne=cfg.eval.tsne,
@@ -215,6 +217,18 @@ def _check_splits(data: DictConfig, manifest: Manifest, label_free: bool) -> Non
             )
 
 
+def _targets(data: DictConfig, manifest: Manifest) -> list[str]:
+    """``data.targets``: the label columns probes fit and classifiers predict (the main label if null)."""
+    targets = list(data.targets or [manifest.main_label])
+    unknown = [name for name in targets if name not in manifest.label_names]
+    if unknown or len(set(targets)) != len(targets):
+        raise ConfigError(
+            f"data.targets={targets}: each must be one label of the pack at {manifest.root}, once "
+            f"(it has {', '.join(manifest.label_names)}); MAMI task B is data=mami_task_b"
+        )
+    return targets
+
+
 def _labeled_subset(data: DictConfig, manifest: Manifest, seed: int) -> np.ndarray:
     """The training memes whose labels a supervised objective may use: ``label_fraction`` of the
     labeled ones, stratified and nested across fractions (the 5 % set is inside the 10 % set)."""
@@ -265,13 +279,18 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _headline(protocols: dict[str, Any]) -> dict[str, float]:
-    """Final metrics for TensorBoard's hparams view: AUROC and accuracy per protocol and split."""
+    """Final metrics for TensorBoard's hparams view: the main label's AUROC, accuracy and F1 per
+    protocol and split, and the multi-label weighted F1 and mean AUROC."""
     out = {}
     for protocol, result in protocols.items():
         for split, metrics in result["splits"].items():
             for name in ("auroc", "accuracy", "f1_macro"):
                 if metrics.get(name) is not None:
                     out[f"hparams/{protocol}/{split}/{name}"] = metrics[name]
+        for split, metrics in result.get("multilabel", {}).items():
+            for name in ("f1_weighted_macro", "auroc"):
+                if metrics.get(name) is not None:
+                    out[f"hparams/{protocol}/{split}/multilabel_{name}"] = metrics[name]
     return out
 
 
@@ -290,6 +309,15 @@ def _print_summary(run_dir: Path, protocols: dict[str, Any]) -> None:
                 )
             else:
                 print(f"{protocol:>12} {split:>10}: {metrics['note']}")
+        for split, metrics in result.get("multilabel", {}).items():
+            if "per_label" not in metrics:
+                print(f"{protocol:>12} {split:>10}: {metrics['note']}")
+                continue
+            auroc = "n/a" if metrics["auroc"] is None else f"{metrics['auroc']:.4f}"
+            print(
+                f"{protocol:>12} {split:>10}: {', '.join(metrics['labels'])}: weighted F1 "
+                f"{metrics['f1_weighted_macro']:.4f} (MAMI task B)  mean AUROC {auroc}"
+            )
     print(
         f"results: {run_dir / 'results.json'}; plots: {run_dir / 'plots'}; TensorBoard: tensorboard --logdir {run_dir / 'tb'}"
     )

@@ -37,6 +37,8 @@ class Method(nn.Module, metaclass=ABCMeta):
     name: str = ""
     needs_labels: bool = False
     """True if training uses labels (the train stream is then cut to the labeled fraction)."""
+    targets: list[str]
+    """Methods that classify: the label columns ``predict`` scores, in order (set in ``__init__``)."""
 
     @abstractmethod
     def training_step(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
