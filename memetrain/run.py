@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from memetrain.data.manifest import Manifest
+from memetrain.data.semi_supervised import SemiSupervisedStream
 from memetrain.data.stream import MemeStream, StreamSettings, split_labels
 from memetrain.data.tokenizer import TextEncoder
 from memetrain.data.transforms import Resize, build_view
@@ -31,7 +32,7 @@ from memetrain.eval.fractions import label_fraction_indices
 from memetrain.eval.plots import plot_curves
 from memetrain.eval.protocols import run_protocols
 from memetrain.fileio import atomic_write_json, atomic_write_text
-from memetrain.methods import DataInfo, build_method
+from memetrain.methods import DataInfo, Stage, build_method
 
 log = logging.getLogger("memetrain")
 
@@ -72,7 +73,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 f"method {name} does not classify: evaluate it with eval=probe (linear probe, kNN)"
             )
         stages = method.stages(cfg.trainer.max_steps)
-        _check_splits(data, manifest, label_free=not all(stage.needs_labels for stage in stages))
+        _check_splits(data, manifest, label_free=any(stage.reads_unlabeled for stage in stages))
         targets = _targets(data, manifest)
         stage_dirs = [run_dir if len(stages) == 1 else run_dir / "stages" / s.name for s in stages]
         checkpointers = [
@@ -89,11 +90,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         steps = skipped = 0
         for stage, stage_dir, checkpointer in zip(stages, stage_dirs, checkpointers):
             method.start_stage(stage)
-            if stage.needs_labels:
-                splits, labeled = data.train_split, _labeled_subset(data, manifest, cfg.seed)
-            else:
-                splits, labeled = [data.train_split, *data.unlabeled_splits], None
-            train_stream = _stream(data, splits, build_view(**view), encoder, cfg.seed, True, labeled)
+            train_stream = _train_stream(data, manifest, stage, build_view(**view), encoder, cfg.seed)
             if stage is not stages[0]:
                 accelerator.free_memory()  # the previous stage's wrapped model and optimizer
             optimizer = build_adamw(
@@ -108,8 +105,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if main:
                 log.info(
                     "run %s: %s%s on %s (%d train memes), %d process(es) x batch %d x %d accumulation = %d per step",
-                    run_dir, name, "" if len(stages) == 1 else f" stage {stage.name}", "+".join(
-                        [splits] if isinstance(splits, str) else splits), train_stream.num_samples,
+                    run_dir, name, "" if len(stages) == 1 else f" stage {stage.name}", train_stream.split,
+                    train_stream.num_samples,
                     accelerator.num_processes, data.batch_size, accumulation, t.global_batch_size,
                 )  # fmt: skip
             state = trainer.fit(lambda step, d=stage_dir: RunLogger(d, main, step))
@@ -172,6 +169,24 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         shutdown()
 
 
+def _train_stream(
+    data: DictConfig, manifest: Manifest, stage: Stage, view, encoder: TextEncoder | None, seed: int
+) -> MemeStream | SemiSupervisedStream:
+    """What ``stage`` trains on: the labeled fraction, every meme (label-free), or both in each batch."""
+    everything = [data.train_split, *data.unlabeled_splits]
+    if not stage.needs_labels:
+        return _stream(data, everything, view, encoder, seed, True)
+    labeled = _stream(
+        data, data.train_split, view, encoder, seed, True, _labeled_subset(data, manifest, seed)
+    )
+    if stage.unlabeled_ratio == 0:
+        return labeled
+    batch_size = max(1, round(stage.unlabeled_ratio * data.batch_size))
+    return SemiSupervisedStream(
+        labeled, _stream(data, everything, view, encoder, seed, True, batch_size=batch_size)
+    )
+
+
 def _stream(
     data: DictConfig,
     split: str | list[str],
@@ -180,10 +195,11 @@ def _stream(
     seed: int,
     train: bool = False,
     subset: np.ndarray | None = None,
+    batch_size: int | None = None,
 ) -> MemeStream:
     """Training streams shuffle and drop the last partial batch; evaluation streams see every meme once."""
     settings = StreamSettings(
-        batch_size=data.batch_size,
+        batch_size=batch_size or data.batch_size,
         seed=seed,
         shuffle=train,
         shuffle_buffer=data.shuffle_buffer,

@@ -17,6 +17,15 @@ def pack_synth(output: Path, count: int = 240, image_size: int = 64, per_shard: 
     return output
 
 
+def train_stream(shards: Path, split, text_encoder=None, batch_size: int = 16, subset=None):
+    """A shuffled 32 px training stream of ``split`` read in this process (no loader workers)."""
+    from memetrain.data.stream import MemeStream, StreamSettings
+    from memetrain.data.transforms import Resize
+
+    settings = StreamSettings(batch_size=batch_size, seed=0, drop_last=True, num_workers=0)
+    return MemeStream(shards, split, settings, Resize(32), text_encoder, subset=subset)
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for torchrun's rendezvous)."""
     import socket
