@@ -6,7 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.methods.test_clip import clip
+from memetrain.data.manifest import Manifest
+from memetrain.data.tokenizer import TextEncoder
+from memetrain.methods import DataInfo, build_method
+from tests.methods.test_clip import SMALL, clip
 
 
 @pytest.fixture
@@ -18,3 +21,17 @@ def clip_weights(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path, model
+
+
+@pytest.fixture
+def synth_clip(synth_shards, tmp_path):
+    """Random small CLIP weights for the vocabulary of the SynthMemes pack, with what reads it:
+    ``(weights path, DataInfo, TextEncoder)``."""
+    manifest = Manifest.load(synth_shards)
+    encoder = TextEncoder(synth_shards / manifest.tokenizer, max_length=24)
+    info = DataInfo(manifest.label_names, manifest.main_label, encoder.vocab_size, encoder.pad_id)
+    torch.manual_seed(0)
+    model = build_method("clip", {"embed_dim": 16}, SMALL, info)
+    path = tmp_path / "synth_clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path, info, encoder
