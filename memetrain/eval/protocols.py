@@ -1,8 +1,10 @@
 """Evaluation protocols over a trained method: its own classifier, a linear probe, kNN.
 
-Features and logits are computed on every rank, gathered, and scored on rank 0. The decision
-threshold is chosen on the dev split (best accuracy) and reported; a split without labels gets
-predictions and no metrics, and says so.
+Features and logits are computed on every rank, gathered, and scored on rank 0. Each protocol
+scores its target labels (the classifier's outputs; ``data.targets`` for the probes): the main
+label with binary metrics (MAMI task A), the other targets with multi-label metrics (MAMI task B).
+Each label's decision threshold is chosen on the dev split (best accuracy) and reported; a split
+without labels gets predictions and no metrics, and says so.
 """
 
 from __future__ import annotations
