@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from memetrain.data.manifest import Manifest
+from memetrain.data.semi_supervised import SemiSupervisedStream
 from memetrain.data.stream import MemeStream, StreamSettings, split_labels
 from memetrain.data.tokenizer import TextEncoder
 from memetrain.data.transforms import Resize, build_view
@@ -31,7 +32,7 @@ from memetrain.eval.fractions import label_fraction_indices
 from memetrain.eval.plots import plot_curves
 from memetrain.eval.protocols import run_protocols
 from memetrain.fileio import atomic_write_json, atomic_write_text
-from memetrain.methods import DataInfo, build_method
+from memetrain.methods import DataInfo, Stage, build_method
 
 log = logging.getLogger("memetrain")
 
@@ -72,7 +73,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 f"method {name} does not classify: evaluate it with eval=probe (linear probe, kNN)"
             )
         stages = method.stages(cfg.trainer.max_steps)
-        _check_splits(data, manifest, label_free=not all(stage.needs_labels for stage in stages))
+        _check_splits(data, manifest, label_free=any(stage.reads_unlabeled for stage in stages))
+        targets = _targets(data, manifest)
         stage_dirs = [run_dir if len(stages) == 1 else run_dir / "stages" / s.name for s in stages]
         checkpointers = [
             Checkpointer(d / "checkpoints", cfg.trainer.keep_checkpoints, accelerator) for d in stage_dirs
@@ -88,11 +90,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         steps = skipped = 0
         for stage, stage_dir, checkpointer in zip(stages, stage_dirs, checkpointers):
             method.start_stage(stage)
-            if stage.needs_labels:
-                splits, labeled = data.train_split, _labeled_subset(data, manifest, cfg.seed)
-            else:
-                splits, labeled = [data.train_split, *data.unlabeled_splits], None
-            train_stream = _stream(data, splits, build_view(**view), encoder, cfg.seed, True, labeled)
+            train_stream = _train_stream(data, manifest, stage, build_view(**view), encoder, cfg.seed)
             if stage is not stages[0]:
                 accelerator.free_memory()  # the previous stage's wrapped model and optimizer
             optimizer = build_adamw(
@@ -107,8 +105,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if main:
                 log.info(
                     "run %s: %s%s on %s (%d train memes), %d process(es) x batch %d x %d accumulation = %d per step",
-                    run_dir, name, "" if len(stages) == 1 else f" stage {stage.name}", "+".join(
-                        [splits] if isinstance(splits, str) else splits), train_stream.num_samples,
+                    run_dir, name, "" if len(stages) == 1 else f" stage {stage.name}", train_stream.split,
+                    train_stream.num_samples,
                     accelerator.num_processes, data.batch_size, accumulation, t.global_batch_size,
                 )  # fmt: skip
             state = trainer.fit(lambda step, d=stage_dir: RunLogger(d, main, step))
@@ -145,6 +143,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             label_fraction=data.label_fraction,
             main_label=manifest.main_label,
             label_names=manifest.label_names,
+            targets=targets,
             seed=cfg.seed,
             knn_k=cfg.eval.knn_k,
             tsne=cfg.eval.tsne,
@@ -170,6 +169,24 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         shutdown()
 
 
+def _train_stream(
+    data: DictConfig, manifest: Manifest, stage: Stage, view, encoder: TextEncoder | None, seed: int
+) -> MemeStream | SemiSupervisedStream:
+    """What ``stage`` trains on: the labeled fraction, every meme (label-free), or both in each batch."""
+    everything = [data.train_split, *data.unlabeled_splits]
+    if not stage.needs_labels:
+        return _stream(data, everything, view, encoder, seed, True)
+    labeled = _stream(
+        data, data.train_split, view, encoder, seed, True, _labeled_subset(data, manifest, seed)
+    )
+    if stage.unlabeled_ratio == 0:
+        return labeled
+    batch_size = max(1, round(stage.unlabeled_ratio * data.batch_size))
+    return SemiSupervisedStream(
+        labeled, _stream(data, everything, view, encoder, seed, True, batch_size=batch_size)
+    )
+
+
 def _stream(
     data: DictConfig,
     split: str | list[str],
@@ -178,10 +195,11 @@ def _stream(
     seed: int,
     train: bool = False,
     subset: np.ndarray | None = None,
+    batch_size: int | None = None,
 ) -> MemeStream:
     """Training streams shuffle and drop the last partial batch; evaluation streams see every meme once."""
     settings = StreamSettings(
-        batch_size=data.batch_size,
+        batch_size=batch_size or data.batch_size,
         seed=seed,
         shuffle=train,
         shuffle_buffer=data.shuffle_buffer,
@@ -213,6 +231,18 @@ def _check_splits(data: DictConfig, manifest: Manifest, label_free: bool) -> Non
                 f"{option} names {missing}, which the pack at {manifest.root} does not have (it has "
                 f"{', '.join(manifest.splits)}); set {option} to splits it has{hint}"
             )
+
+
+def _targets(data: DictConfig, manifest: Manifest) -> list[str]:
+    """``data.targets``: the label columns probes fit and classifiers predict (the main label if null)."""
+    targets = list(data.targets or [manifest.main_label])
+    unknown = [name for name in targets if name not in manifest.label_names]
+    if unknown or len(set(targets)) != len(targets):
+        raise ConfigError(
+            f"data.targets={targets}: each must be one label of the pack at {manifest.root}, once "
+            f"(it has {', '.join(manifest.label_names)}); MAMI task B is data=mami_task_b"
+        )
+    return targets
 
 
 def _labeled_subset(data: DictConfig, manifest: Manifest, seed: int) -> np.ndarray:
@@ -265,13 +295,18 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _headline(protocols: dict[str, Any]) -> dict[str, float]:
-    """Final metrics for TensorBoard's hparams view: AUROC and accuracy per protocol and split."""
+    """Final metrics for TensorBoard's hparams view: the main label's AUROC, accuracy and F1 per
+    protocol and split, and the multi-label weighted F1 and mean AUROC."""
     out = {}
     for protocol, result in protocols.items():
         for split, metrics in result["splits"].items():
             for name in ("auroc", "accuracy", "f1_macro"):
                 if metrics.get(name) is not None:
                     out[f"hparams/{protocol}/{split}/{name}"] = metrics[name]
+        for split, metrics in result.get("multilabel", {}).items():
+            for name in ("f1_weighted_macro", "auroc"):
+                if metrics.get(name) is not None:
+                    out[f"hparams/{protocol}/{split}/multilabel_{name}"] = metrics[name]
     return out
 
 
@@ -290,6 +325,15 @@ def _print_summary(run_dir: Path, protocols: dict[str, Any]) -> None:
                 )
             else:
                 print(f"{protocol:>12} {split:>10}: {metrics['note']}")
+        for split, metrics in result.get("multilabel", {}).items():
+            if "per_label" not in metrics:
+                print(f"{protocol:>12} {split:>10}: {metrics['note']}")
+                continue
+            auroc = "n/a" if metrics["auroc"] is None else f"{metrics['auroc']:.4f}"
+            print(
+                f"{protocol:>12} {split:>10}: {', '.join(metrics['labels'])}: weighted F1 "
+                f"{metrics['f1_weighted_macro']:.4f} (MAMI task B)  mean AUROC {auroc}"
+            )
     print(
         f"results: {run_dir / 'results.json'}; plots: {run_dir / 'plots'}; TensorBoard: tensorboard --logdir {run_dir / 'tb'}"
     )

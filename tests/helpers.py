@@ -17,6 +17,40 @@ def pack_synth(output: Path, count: int = 240, image_size: int = 64, per_shard: 
     return output
 
 
+def train_stream(shards: Path, split, text_encoder=None, batch_size: int = 16, subset=None):
+    """A shuffled 32 px training stream of ``split`` read in this process (no loader workers)."""
+    from memetrain.data.stream import MemeStream, StreamSettings
+    from memetrain.data.transforms import Resize
+
+    settings = StreamSettings(batch_size=batch_size, seed=0, drop_last=True, num_workers=0)
+    return MemeStream(shards, split, settings, Resize(32), text_encoder, subset=subset)
+
+
+def clip_weights_for(shards: Path, path: Path, *overrides: str) -> Path:
+    """Random weights of ``method=clip model=clip_small`` for the pack at ``shards`` (its tokenizer's
+    vocabulary), saved as a CLIP run's ``model.safetensors`` would be: a CLIP run without training."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from memetrain.data.manifest import Manifest
+    from memetrain.data.tokenizer import TextEncoder
+    from memetrain.methods import DataInfo, build_method
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", ["method=clip", "model=clip_small", f"data.shards={shards}", *overrides])
+    manifest = Manifest.load(shards)
+    encoder = TextEncoder(shards / manifest.tokenizer, cfg.data.max_length)
+    info = DataInfo(manifest.label_names, manifest.main_label, encoder.vocab_size, encoder.pad_id)
+    options = OmegaConf.to_container(cfg.method, resolve=True)
+    options.pop("name"), options.pop("view")
+    torch.manual_seed(0)
+    clip = build_method("clip", options, OmegaConf.to_container(cfg.model, resolve=True), info)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
+    return path
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for torchrun's rendezvous)."""
     import socket

@@ -78,12 +78,17 @@ def multilabel_metrics(
     names: Sequence[str],
     thresholds: float | Sequence[float] = 0.5,
 ) -> dict:
-    """Per-label binary metrics over [N, K] label and score matrices, and F1 averaged over labels.
+    """Per-label binary metrics over [N, K] label and score matrices, and scores averaged over labels.
 
-    ``f1_macro`` / ``f1_weighted``: positive-class F1 per label, plain mean / weighted by each
-    label's positive count (scikit-learn ``f1_score(average=...)`` on the indicator matrix).
-    ``f1_weighted_macro``: macro F1 (both classes) per label, weighted by positive count; this is
-    the official SemEval-2022 MAMI sub-task B score when given the four type labels.
+    - ``f1_weighted_macro``: each label's macro F1 (mean of its positive- and negative-class F1),
+      weighted by its positive count; the official SemEval-2022 MAMI sub-task B score when given the
+      four type labels (``compute_scoreB`` of the task's ``evaluation.py``);
+    - ``f1_macro`` / ``f1_weighted``: positive-class F1 per label, plain mean / weighted by each
+      label's positive count (scikit-learn ``f1_score(average=...)`` on the indicator matrix);
+    - ``auroc``: mean of the per-label AUROCs; None (``auroc_reason`` says why) if a label has one class;
+    - ``per_label``: ``{name: {auroc, auroc_reason, f1, f1_macro, precision, recall, support,
+      accuracy, threshold, positive_rate}}``, where ``f1``, ``precision`` and ``recall`` are the
+      positive class's and ``support`` its count.
     """
     y = np.asarray(labels)
     s = np.asarray(scores, dtype=np.float64)
@@ -93,17 +98,39 @@ def multilabel_metrics(
             f"got {y.shape} and {s.shape}"
         )
     cuts = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (len(names),))
-    per_label = {name: binary_metrics(y[:, k], s[:, k], float(cuts[k])) for k, name in enumerate(names)}
-    positive_f1 = np.array([m["per_class"]["1"]["f1"] for m in per_label.values()])
+    per_label = {name: _label_summary(y[:, k], s[:, k], float(cuts[k])) for k, name in enumerate(names)}
+    positive_f1 = np.array([m["f1"] for m in per_label.values()])
     macro_f1 = np.array([m["f1_macro"] for m in per_label.values()])
-    support = np.array([m["per_class"]["1"]["support"] for m in per_label.values()])
+    support = np.array([m["support"] for m in per_label.values()])
     total = support.sum()
+    one_class = [name for name, m in per_label.items() if m["auroc"] is None]
     return {
         "num_samples": int(y.shape[0]),
-        "per_label": per_label,
+        "labels": list(names),
+        "f1_weighted_macro": float(macro_f1 @ support / total) if total else 0.0,
         "f1_macro": float(positive_f1.mean()),
         "f1_weighted": float(positive_f1 @ support / total) if total else 0.0,
-        "f1_weighted_macro": float(macro_f1 @ support / total) if total else 0.0,
+        "auroc": None if one_class else float(np.mean([m["auroc"] for m in per_label.values()])),
+        "auroc_reason": f"labels {one_class} have one class only" if one_class else None,
+        "per_label": per_label,
+    }
+
+
+def _label_summary(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """One label's binary metrics, flat: the positive class's precision, recall and F1."""
+    m = binary_metrics(labels, scores, threshold)
+    positive = m["per_class"]["1"]
+    return {
+        "auroc": m["auroc"],
+        "auroc_reason": m["auroc_reason"],
+        "f1": positive["f1"],
+        "f1_macro": m["f1_macro"],
+        "precision": positive["precision"],
+        "recall": positive["recall"],
+        "support": positive["support"],
+        "accuracy": m["accuracy"],
+        "threshold": m["threshold"],
+        "positive_rate": m["positive_rate"],
     }
 
 

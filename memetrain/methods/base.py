@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from memetrain.engine.optim import decay_groups
+from memetrain.errors import ConfigError
 
 Batch = dict[str, Any]
 
@@ -24,11 +25,29 @@ Batch = dict[str, Any]
 class Stage:
     """One phase of a run with its own optimizer, schedule and checkpoints: ``steps`` optimizer
     steps on the labeled fraction of the training split (``needs_labels``), or else on every
-    training meme, the data's unlabeled splits included."""
+    training meme, the data's unlabeled splits included.
+
+    ``unlabeled_ratio`` μ > 0 (with ``needs_labels``) makes it semi-supervised: each batch is
+    ``data.batch_size`` memes of the labeled fraction followed by μ × ``data.batch_size`` memes
+    from every training meme and the unlabeled splits, whose labels read -1
+    (:class:`memetrain.data.semi_supervised.SemiSupervisedStream`)."""
 
     name: str
     steps: int
     needs_labels: bool
+    unlabeled_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.unlabeled_ratio < 0 or (self.unlabeled_ratio > 0 and not self.needs_labels):
+            raise ConfigError(
+                f"stage {self.name}: unlabeled_ratio={self.unlabeled_ratio} must be >= 0, and > 0 only "
+                "for a stage that needs labels (a label-free stage reads every meme already)"
+            )
+
+    @property
+    def reads_unlabeled(self) -> bool:
+        """Whether the stage streams the data's unlabeled splits."""
+        return not self.needs_labels or self.unlabeled_ratio > 0
 
 
 class Method(nn.Module, metaclass=ABCMeta):
@@ -37,6 +56,8 @@ class Method(nn.Module, metaclass=ABCMeta):
     name: str = ""
     needs_labels: bool = False
     """True if training uses labels (the train stream is then cut to the labeled fraction)."""
+    targets: list[str]
+    """Methods that classify: the label columns ``predict`` scores, in order (set in ``__init__``)."""
 
     @abstractmethod
     def training_step(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -14,9 +14,21 @@ LOSSES = ("bce", "focal")
 
 class ClassificationObjective:
     """Logits ``[B, len(targets)]`` against the label columns ``targets`` (the data's main label by
-    default), scored with binary cross-entropy or focal loss; missing labels (-1) never count."""
+    default), scored with binary cross-entropy or focal loss; missing labels (-1) never count.
 
-    def __init__(self, data: DataInfo, targets: list[str] | None, loss: str, focal_gamma: float):
+    The loss is the mean over every labeled (meme, target) entry, or with ``sum_over_targets`` the
+    sum over targets of each target's mean over its labeled memes (a multi-task sum of one loss per
+    output, as TIB-VA trains its five MAMI heads).
+    """
+
+    def __init__(
+        self,
+        data: DataInfo,
+        targets: list[str] | None,
+        loss: str,
+        focal_gamma: float,
+        sum_over_targets: bool = False,
+    ):
         self.targets = list(targets or [data.main_label])
         unknown = [name for name in self.targets if name not in data.label_names]
         if unknown:
@@ -26,18 +38,38 @@ class ClassificationObjective:
         if loss not in LOSSES:
             raise ConfigError(f"method.loss={loss!r}: choose {' or '.join(LOSSES)}")
         self.index = [data.label_names.index(name) for name in self.targets]
-        self.loss, self.focal_gamma = loss, focal_gamma
+        self.loss, self.focal_gamma, self.sum_over_targets = loss, focal_gamma, sum_over_targets
+
+    def targets_of(self, labels: Tensor) -> Tensor:
+        """The batch's labels ``[B, K]`` of the targets, ``[B, len(targets)]`` (-1 where missing)."""
+        return labels[:, self.index]
+
+    def loss_of(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The configured loss of ``logits`` against ``targets`` (both ``[B, len(targets)]``)."""
+        if self.sum_over_targets:
+            return sum(self._loss(logits[:, [k]], targets[:, [k]]) for k in range(targets.shape[1]))
+        return self._loss(logits, targets)
 
     def __call__(self, logits: Tensor, labels: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """``({"cls_loss"}, {"accuracy"})`` for ``logits`` and the batch's ``labels`` ``[B, K]``;
-        accuracy is of the first target, over the memes that have it."""
-        targets = labels[:, self.index]  # [B, targets]
+        """``({"cls_loss"}, {"accuracy", ...})`` for ``logits`` and the batch's ``labels`` ``[B, K]``;
+        ``accuracy`` is of the first target, over the memes that have it, and with several targets
+        ``accuracy_<target>`` is each one's."""
+        targets = self.targets_of(labels)  # [B, targets]
+        return {"cls_loss": self.loss_of(logits, targets)}, accuracies(logits, targets, self.targets)
+
+    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         if self.loss == "focal":
-            loss = focal_loss(logits, targets, gamma=self.focal_gamma)
-        else:
-            loss = masked_bce(logits, targets)
-        with torch.no_grad():
-            labeled = targets[:, 0] >= 0
-            correct = ((logits[:, 0] > 0).long() == targets[:, 0])[labeled]
-            accuracy = correct.float().mean() if labeled.any() else logits.new_zeros(())
-        return {"cls_loss": loss}, {"accuracy": accuracy}
+            return focal_loss(logits, targets, gamma=self.focal_gamma)
+        return masked_bce(logits, targets)
+
+
+@torch.no_grad()
+def accuracies(logits: Tensor, targets: Tensor, names: list[str]) -> dict[str, Tensor]:
+    """Accuracy at logit 0 of each target over its labeled memes (0 when none is labeled)."""
+    labeled = targets >= 0
+    correct = ((logits > 0).long() == targets) & labeled
+    per_target = correct.sum(0).float() / labeled.sum(0).clamp(min=1)  # [targets]
+    report = {"accuracy": per_target[0]}
+    if len(names) > 1:
+        report |= {f"accuracy_{name}": per_target[k] for k, name in enumerate(names)}
+    return report

@@ -13,9 +13,9 @@ schedule and checkpoints under ``<run>/stages/<stage>/``:
    the paper's "raw and cooked" features), trained with BCE or focal loss; the auto-encoders are
    frozen.
 
-The CLIP towers are frozen throughout and always in eval mode: our own CLIP run's weights
-(``clip.tower: memetrain`` with the same ``model`` config, ``clip.weights`` its
-``checkpoints/step_N/model.safetensors``) or an open_clip model with a local checkpoint
+The CLIP towers are frozen throughout and always in eval mode (:mod:`memetrain.methods.frozen_clip`):
+our own CLIP run's weights (``clip.tower: memetrain`` with the same ``model`` config, ``clip.weights``
+its ``checkpoints/step_N/model.safetensors``) or an open_clip model with a local checkpoint
 (``clip.tower: open_clip``, ``clip.open_clip_model``, ``clip.open_clip_weights``). Features are
 L2-normalised as CLIP compares them.
 
@@ -35,13 +35,11 @@ from memetrain.errors import ConfigError
 from memetrain.losses import cross_reconstruction_loss
 from memetrain.losses.monitor import embedding_std
 from memetrain.methods.base import Batch, Method, Stage
-from memetrain.methods.clip import Clip
+from memetrain.methods.frozen_clip import frozen_clip
 from memetrain.methods.objective import ClassificationObjective
 from memetrain.methods.registry import DataInfo, register
 from memetrain.models.autoencoder import CrossModalAutoencoder
 from memetrain.models.heads import mlp
-from memetrain.models.weights import load_weights
-from memetrain.options import call_with_options
 
 AUTOENCODERS, CLASSIFIER = "autoencoders", "classifier"
 
@@ -72,7 +70,7 @@ class SemiMemes(Method):
         self.objective = ClassificationObjective(data, targets, loss, focal_gamma)
         self.targets, self.autoencoder_steps = self.objective.targets, autoencoder_steps
 
-        self.clip = _frozen_clip(model, data, dict(clip))
+        self.clip = frozen_clip(model, data, clip, "SemiMemes")
         dim = self.clip.embed_dim
         self.image_to_text = CrossModalAutoencoder(dim, dim, hidden_dim, latent_dim)
         self.text_to_image = CrossModalAutoencoder(dim, dim, hidden_dim, latent_dim)
@@ -93,17 +91,11 @@ class SemiMemes(Method):
         for module in (self.hidden, self.output):
             module.requires_grad_(stage.name == CLASSIFIER)
 
-    def train(self, mode: bool = True) -> SemiMemes:
-        super().train(mode)
-        self.clip.eval()  # frozen: batch-norm statistics and dropout stay as CLIP trained them
-        return self
-
     # -- the two objectives ----------------------------------------------------------------------
 
-    @torch.no_grad()
     def features(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Frozen, L2-normalised CLIP features of the image and the text, ``[B, D]`` each."""
-        return self.clip.encode_image(batch), self.clip.encode_text(batch)
+        return self.clip(batch)
 
     def training_step(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         image, text = self.features(batch)
@@ -126,23 +118,3 @@ class SemiMemes(Method):
 
     def predict(self, batch: Batch) -> Tensor:
         return self.output(self._cooked(*self.features(batch)))
-
-
-def _frozen_clip(model: dict[str, Any], data: DataInfo, options: dict[str, Any]) -> Clip:
-    """The CLIP method with its weights loaded (strictly) and gradients off."""
-    tower = options.get("tower", "memetrain")
-    weights = options.pop("weights", None)
-    if tower == "memetrain" and weights is None:
-        raise ConfigError(
-            "SemiMemes reads frozen CLIP features: set method.clip.weights to a CLIP run's "
-            "checkpoints/step_N/model.safetensors (train one with method=clip and the same model config)"
-        )
-    if tower == "open_clip" and (weights is not None or options.get("open_clip_weights") is None):
-        raise ConfigError(
-            "with method.clip.tower=open_clip the weights come from method.clip.open_clip_weights "
-            "(a local open_clip checkpoint); leave method.clip.weights null"
-        )
-    clip = call_with_options(Clip, dict(model=model, data=data, **options), "method.clip")
-    if weights is not None:
-        load_weights(clip, weights)
-    return clip.requires_grad_(False).eval()

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from memetrain.errors import ConfigError
 from memetrain.eval import best_threshold, binary_metrics, multilabel_metrics
@@ -83,7 +83,25 @@ def test_best_threshold_rejects_unknown_criterion():
         best_threshold(LABELS, SCORES, "auroc")
 
 
-def test_multilabel_f1_matches_sklearn():
+def mami_task_b_score(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """SemEval-2022 MAMI sub-task B as its evaluation.py scores it, written out naively: per label,
+    the mean of both classes' F1 from confusion counts, weighted by the label's positive count."""
+    total, weights = 0.0, 0
+    for k in range(labels.shape[1]):
+        f1s = []
+        for cls in (1, 0):
+            tp = sum(1 for y, p in zip(labels[:, k], predicted[:, k]) if y == cls and p == cls)
+            fp = sum(1 for y, p in zip(labels[:, k], predicted[:, k]) if y != cls and p == cls)
+            fn = sum(1 for y, p in zip(labels[:, k], predicted[:, k]) if y == cls and p != cls)
+            precision = tp / (tp + fp) if tp else 0.0
+            recall = tp / (tp + fn) if tp else 0.0
+            f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+        weight = int(labels[:, k].sum())
+        total, weights = total + weight * sum(f1s) / 2, weights + weight
+    return total / weights
+
+
+def test_multilabel_metrics_match_sklearn_and_the_mami_scorer():
     rng = np.random.default_rng(0)
     labels = (rng.random((40, 4)) < [0.5, 0.3, 0.2, 0.1]).astype(int)
     scores = np.clip(labels * 0.4 + rng.random((40, 4)) * 0.6, 0, 1)
@@ -97,9 +115,25 @@ def test_multilabel_f1_matches_sklearn():
     support = labels.sum(axis=0)
     per_label_macro = [f1_score(labels[:, k], predicted[:, k], average="macro") for k in range(4)]
     assert m["f1_weighted_macro"] == pytest.approx(np.dot(per_label_macro, support) / support.sum())
-    assert list(m["per_label"]) == names
-    assert m["per_label"]["stereotype"]["threshold"] == 0.4
+    assert m["f1_weighted_macro"] == pytest.approx(mami_task_b_score(labels, predicted))
+    aurocs = [roc_auc_score(labels[:, k], scores[:, k]) for k in range(4)]
+    assert m["auroc"] == pytest.approx(np.mean(aurocs)) and m["auroc_reason"] is None
+    assert list(m["per_label"]) == names == m["labels"]
+    for k, name in enumerate(names):
+        label = m["per_label"][name]
+        assert label["auroc"] == pytest.approx(aurocs[k])
+        assert label["f1"] == pytest.approx(f1_score(labels[:, k], predicted[:, k]))
+        assert label["precision"] == pytest.approx(precision_score(labels[:, k], predicted[:, k]))
+        assert label["recall"] == pytest.approx(recall_score(labels[:, k], predicted[:, k]))
+        assert label["support"] == support[k] and label["threshold"] == thresholds[k]
     assert json.loads(json.dumps(m)) == m
+
+
+def test_multilabel_auroc_is_none_when_a_label_has_one_class():
+    labels = np.array([[0, 1], [1, 1], [0, 1]])
+    m = multilabel_metrics(labels, np.full((3, 2), 0.7), ["a", "b"])
+    assert m["auroc"] is None and "['b']" in m["auroc_reason"]
+    assert m["per_label"]["a"]["auroc"] == 0.5
 
 
 def test_multilabel_rejects_wrong_shapes():

@@ -7,24 +7,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from memetrain.errors import ConfigError
 from memetrain.losses import cross_reconstruction_loss
 from memetrain.methods import build_method
 from memetrain.methods.base import Stage
 from tests.helpers import run_launcher, tiny_run_overrides
-from tests.methods.test_clip import DATA, SMALL, clip, meme_batch
-
-
-@pytest.fixture
-def clip_weights(tmp_path):
-    """A CLIP method's state dict, as a CLIP run's checkpoint holds it."""
-    torch.manual_seed(0)
-    model = clip(embed_dim=16)
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path, model
+from tests.methods.test_clip import DATA, SMALL, meme_batch
 
 
 def semimemes(weights, **options):

@@ -1,0 +1,82 @@
+"""TIB-VA: a multi-task classifier over frozen CLIP image and text embeddings (Hakimov, Cheema,
+Ewerth, "TIB-VA at SemEval-2022 Task 5: A Multimodal Architecture for the Detection and
+Classification of Misogynous Memes", SemEval 2022, arXiv:2204.06299), best in MAMI sub-task B.
+
+Each modality's frozen CLIP embedding is projected to ``hidden_dim`` (256), with ReLU and dropout
+0.2; the two projections are concatenated and fused by one linear layer with ReLU (256), and one
+linear output per target reads the fused vector, all trained at once: the loss is the sum over
+targets of each target's binary cross-entropy (the paper's five MAMI outputs, misogynous plus the
+four types: run it with ``data=mami_tasks_ab``; with one target it is the same network with one
+output). The paper's optimiser is Adam at lr 1e-4, betas (0.99, 0.98), weight decay 1e-4 and
+gradient clipping at 1 (``configs/method/tib_va.yaml`` sets them; here AdamW decays the weights
+decoupled from the gradient, not as Adam's L2 term).
+
+Layer sizes, dropout, loss and optimiser follow the authors' public code
+(TIBHannover/multimodal-misogyny-detection-mami-2022, ``train_multitask.py``). One guess: there the
+text branch is a one-layer LSTM (256) over the CLIP text transformer's token states, and here it
+is a linear projection like the image branch's, of the pooled CLIP text embedding, since the
+frozen feature extractor shared with SemiMemes and CMML-CLIP
+(:mod:`memetrain.methods.frozen_clip`) gives one embedding per text.
+
+    python launcher/train.py method=clip model=clip_small eval=probe
+    python launcher/train.py method=tib_va model=clip_small data.label_fraction=0.05 \\
+        method.clip.weights=runs/synth/clip-clip_small-seed0/checkpoints/step_0000600/model.safetensors
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from memetrain.methods.base import Batch, Method
+from memetrain.methods.frozen_clip import frozen_clip
+from memetrain.methods.objective import ClassificationObjective
+from memetrain.methods.registry import DataInfo, register
+
+
+@register
+class TibVa(Method):
+    """TIB-VA. Options (``configs/method/tib_va.yaml`` says how to tune them): ``clip`` (the
+    frozen feature extractor), ``hidden_dim``, ``dropout``, and ``targets``, ``loss`` and
+    ``focal_gamma`` as in ``supervised``."""
+
+    name = "tib_va"
+    needs_labels = True
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        data: DataInfo,
+        clip: dict[str, Any],
+        hidden_dim: int = 256,
+        dropout: float = 0.2,
+        targets: list[str] | None = None,
+        loss: str = "bce",
+        focal_gamma: float = 2.0,
+    ):
+        super().__init__()
+        self.objective = ClassificationObjective(data, targets, loss, focal_gamma, sum_over_targets=True)
+        self.targets = self.objective.targets
+        self.clip = frozen_clip(model, data, clip, "TIB-VA")
+        dim = self.clip.embed_dim
+        self.image_projection = _projection(dim, hidden_dim, dropout)
+        self.text_projection = _projection(dim, hidden_dim, dropout)
+        self.fusion = nn.Sequential(nn.Linear(2 * hidden_dim, hidden_dim), nn.ReLU())
+        self.output = nn.Linear(hidden_dim, len(self.targets))  # one output (head) per target
+
+    def training_step(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        return self.objective(self.predict(batch), batch["labels"])
+
+    def embed(self, batch: Batch) -> Tensor:
+        image, text = self.clip(batch)  # frozen [B, D] each
+        projected = [self.image_projection(image), self.text_projection(text)]  # [B, hidden] each
+        return self.fusion(torch.cat(projected, dim=1))  # [B, hidden]
+
+    def predict(self, batch: Batch) -> Tensor:
+        return self.output(self.embed(batch))  # [B, targets]
+
+
+def _projection(in_dim: int, hidden_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
