@@ -1,0 +1,46 @@
+"""Config and CLI faults through the real entry points. Expected: one ``error:`` line naming the
+option or file, and exit code 2.
+
+Also covered elsewhere, not repeated here: unknown method, unknown key, missing shards path,
+``data.label_fraction=0``, a global batch that is no multiple of the batch, ``resume=maybe``
+(tests/engine/test_train_run.py::test_config_errors_are_one_clear_line); unknown source and a missing
+pack input (tests/data/test_pack.py::test_cli_errors_are_one_clear_line).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memetrain.engine.distributed import build_accelerator
+from memetrain.errors import ConfigError
+from tests.faults.conftest import assert_one_clear_error, fault_run_overrides
+from tests.helpers import run_launcher
+
+CLI_CASES = [
+    pytest.param(["data.label_fraction=1.5"], "error: label_fraction must be in (0, 1]; got 1.5", id="label fraction over 1"),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("overrides", "message"), CLI_CASES)
+def test_a_bad_option_is_one_clear_error(synth_shards, tmp_path, overrides, message):
+    run_dir = tmp_path / "run"
+    result = run_launcher("train.py", *fault_run_overrides(synth_shards, run_dir), *overrides, timeout=240)
+    assert_one_clear_error(result, message)
+    assert not (run_dir / "checkpoints").exists()
+
+
+IN_PROCESS_CASES = [
+    pytest.param(lambda: build_accelerator("fp8", 1, 1.0), "trainer.precision='fp8': choose one of no, bf16, fp16", id="unknown precision"),
+    pytest.param(lambda: build_accelerator("fp16", 1, 1.0), "trainer.precision=fp16 needs a GPU", id="fp16 on a CPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("build", "message"), IN_PROCESS_CASES)
+def test_a_bad_value_names_its_option(build, message):
+    """Checked in-process (the CLI turns every such ConfigError into one line, as the cases above show)."""
+    with pytest.raises(ConfigError) as raised:
+        build()
+    assert message in str(raised.value)

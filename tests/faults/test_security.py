@@ -1,0 +1,116 @@
+"""Nothing a shard, a checkpoint, a weights file or a config value carries is ever run.
+
+- Checkpoints and weights load with ``weights_only=True`` or safetensors: a file that would create a
+  marker when unpickled is refused with one clear error, and the marker never appears.
+- Shard decoding never unpickles and never writes members to disk (test_bad_data.py: a ``.pickle``
+  payload, ``../`` and absolute member names), and reads shards only from a local directory: no
+  ``pipe:``, no URLs, and no option enables them (test_bad_data.py; the README says so).
+- No ``eval``/``exec`` anywhere in the package, and a config value that looks like code is a bad value.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from memetrain.errors import ConfigError
+from memetrain.models.image import create_backbone
+from memetrain.models.weights import read_state_dict
+from tests.faults.conftest import pickle_payload
+from tests.helpers import REPO
+
+# -- the code never evaluates, unpickles, extracts or shells out --------------------------------
+
+FORBIDDEN = {
+    "eval": "evaluates a string as code",
+    "exec": "runs a string as code",
+    "compile": "compiles a string into code",
+    "__import__": "imports a module named by a string",
+    "pickle.load": "unpickles (runs whatever the pickle says)",
+    "pickle.loads": "unpickles",
+    "pickle.Unpickler": "unpickles",
+    "yaml.load": "can build arbitrary objects (use OmegaConf or yaml.safe_load)",
+    "yaml.unsafe_load": "builds arbitrary objects",
+    "os.system": "runs a shell command",
+    "*.extractall": "writes tar members to disk, where a member name can climb out",
+}
+
+
+def called_name(call: ast.Call) -> str:
+    """``eval``, ``pickle.loads``; ``*.extractall`` for a method of any other object."""
+    func = call.func
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute):
+        owner = func.value.id if isinstance(func.value, ast.Name) else "*"
+        return f"{owner}.{func.attr}" if f"{owner}.{func.attr}" in FORBIDDEN else f"*.{func.attr}"
+    return ""
+
+
+def keyword(call: ast.Call, name: str):
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+def is_constant(node: ast.expr, value: bool) -> bool:
+    return isinstance(node, ast.Constant) and node.value is value
+
+
+def source_problems(path: Path) -> list[str]:
+    """What in one source file could run code that came from data: line and reason each."""
+    problems = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call):
+            continue
+        where, name = f"{path.name}:{node.lineno}", called_name(node)
+        if name in FORBIDDEN:
+            problems.append(f"{where}: {name}() {FORBIDDEN[name]}")
+        weights_only = keyword(node, "weights_only")
+        if ast.unparse(node.func) == "torch.load" and weights_only is None:
+            problems.append(f"{where}: torch.load without weights_only=True")
+        if weights_only is not None and not is_constant(weights_only, True):
+            problems.append(f"{where}: weights_only={ast.unparse(weights_only)}")
+        for flag in ("trust_remote_code", "shell"):
+            value = keyword(node, flag)
+            if value is not None and not is_constant(value, False):
+                problems.append(f"{where}: {flag}={ast.unparse(value)}")
+    return problems
+
+
+def test_the_code_never_evaluates_unpickles_extracts_or_shells_out():
+    files = sorted([*(REPO / "memetrain").rglob("*.py"), *(REPO / "launcher").glob("*.py")])
+    assert len(files) > 40
+    problems = [problem for path in files for problem in source_problems(path)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_check_finds_what_it_looks_for(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import pickle, re, torch, tarfile\n"
+        "eval('1')\npickle.loads(b'')\ntorch.load('x')\ntorch.load('x', weights_only=False)\n"
+        "tarfile.open('x').extractall('.')\nf(trust_remote_code=True)\nre.compile('fine')\n"
+    )
+    found = source_problems(bad)
+    assert [line.split(":")[1] for line in found] == ["2", "3", "4", "5", "6", "7"], found
+
+
+# -- weights files and config values ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        pytest.param(read_state_dict, id="method.init weights"),
+        pytest.param(
+            lambda path: create_backbone("test_resnet", 32, str(path)), id="timm pretrained weights"
+        ),
+    ],
+)
+def test_a_weights_file_holding_code_is_refused_and_never_run(tmp_path, load):
+    marker = tmp_path / "pickle-ran"
+    (tmp_path / "weights.pth").write_bytes(pickle_payload(marker))
+    with pytest.raises(ConfigError, match="weights.pth cannot be read safely"):
+        load(tmp_path / "weights.pth")
+    assert not marker.exists()
