@@ -265,6 +265,14 @@ class _SlotDataset(IterableDataset):
         self.epoch, self.skip = stream._shared_epoch, stream._shared_skip
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._batches()
+        except MemetrainError as err:
+            # Raised in a loader worker, it would reach the main process as a traceback in text;
+            # sent as an item it arrives whole, and MemeStream raises it there as the error it is.
+            yield {"error": err}
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         epoch, skip = self.epoch.value, self.skip.value
         workers = info.num_workers if info else 1
@@ -438,6 +446,8 @@ class MemeStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._shared_epoch.value, self._shared_skip.value = self.epoch, self.batches_done
         for batch in self._dataloader():
+            if "error" in batch:
+                raise batch["error"]
             self.batches_done += 1
             self.bad_samples += batch.pop("bad_samples")
             yield batch

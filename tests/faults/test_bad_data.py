@@ -288,6 +288,16 @@ def truncate(root: Path) -> None:
     path.write_bytes(path.read_bytes()[:-5000])
 
 
+def cut_at_a_member_with_an_agreeing_manifest(root: Path) -> None:
+    """Cut after the 10th member, at a header boundary (where a tar reader ends quietly), and make
+    the manifest's size and sha256 agree: only reading the shard can tell."""
+    path = root / DEV_SHARD
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[10].offset
+    path.write_bytes(path.read_bytes()[:offset])
+    agree_manifest(root)
+
+
 def flip_a_byte(root: Path) -> None:
     path = root / DEV_SHARD
     data = bytearray(path.read_bytes())
@@ -312,6 +322,17 @@ def rename_in_manifest(name: str):
     return edit
 
 
+def corrupt_most_images(root: Path) -> None:
+    """11 of each worker's 16 images corrupt: past max_bad_samples=10, yet no batch all bad."""
+    path = root / DEV_SHARD
+    samples = samples_of(read_shard(path))
+    for position in [*range(11), *range(16, 27)]:
+        key, sample = samples[position]
+        samples[position] = key, {**sample, "jpg": b"\xff\xd8\xff junk"}
+    write_shard(path, members_of(samples))
+    agree_manifest(root)
+
+
 @dataclass(frozen=True)
 class ShardCase:
     """A fault that makes a split untrustworthy: the stream stops with one error, exit code 2."""
@@ -324,11 +345,13 @@ class ShardCase:
 
 SHARD_CASES = [
     ShardCase("truncated tar", truncate, "bytes, the manifest says"),
+    ShardCase("tar cut at a member, manifest agrees", cut_at_a_member_with_an_agreeing_manifest, f"{DEV_SHARD} is corrupt or truncated near sample"),
     ShardCase("sha256 mismatch", flip_a_byte, f"{DEV_SHARD} does not match its sha256 in the manifest"),
     ShardCase("manifest names a missing shard", delete_the_shard, f"{DEV_SHARD} listed in the manifest is missing"),
     ShardCase("manifest names a pipe: URL", rename_in_manifest("pipe:touch {marker}"), "reads shards only from the manifest's own directory (no pipe:"),
     ShardCase("manifest names a path outside", rename_in_manifest("../other/dev-000000.tar"), "'../other/dev-000000.tar' in"),  # and /abs: one check
     ShardCase("manifest is not JSON", break_the_manifest, "manifest.json is not a valid memetrain manifest"),
+    ShardCase("more bad samples than max_bad_samples", corrupt_most_images, "11 bad samples on rank 0 worker 0, over max_bad_samples=10"),
 ]  # fmt: skip
 
 

@@ -19,6 +19,8 @@ from tests.helpers import run_launcher
 
 CLI_CASES = [
     pytest.param(["data.label_fraction=1.5"], "error: label_fraction must be in (0, 1]; got 1.5", id="label fraction over 1"),
+    pytest.param(["data.batch_size=512", "trainer.global_batch_size=512"],  # raised in a loader worker
+                 "error: 185 samples cannot fill one batch of 512 on each of 2 rank x worker slots", id="batch larger than the split"),
 ]  # fmt: skip
 
 
