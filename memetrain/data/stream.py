@@ -174,6 +174,13 @@ def read_samples(
                 raise EOFError("the file ends before the tar's end-of-archive marker")
             if index == target:
                 yield key, members
+                target = next(wanted, stop)
+        if target < stop:
+            raise StreamError(
+                f"shard {path} holds {index + 1} samples, fewer than its manifest lists (sample {target} was "
+                "wanted): its members were renamed or reordered (two samples with one key in a row merge "
+                "into one); re-pack it"
+            )
     except (tarfile.TarError, EOFError, OSError) as err:
         raise StreamError(
             f"shard {path} is corrupt or truncated near sample {index + 1} ({type(err).__name__}: {err}); "

@@ -333,6 +333,15 @@ def corrupt_most_images(root: Path) -> None:
     agree_manifest(root)
 
 
+def merge_two_samples(root: Path) -> None:
+    """The second sample renamed to the first one's key: the tar now holds one sample less."""
+    path = root / DEV_SHARD
+    samples = samples_of(read_shard(path))
+    (first, _), (second, _) = samples[:2]
+    write_shard(path, [(name.replace(second, first), data) for name, data in read_shard(path)])
+    agree_manifest(root)
+
+
 @dataclass(frozen=True)
 class ShardCase:
     """A fault that makes a split untrustworthy: the stream stops with one error, exit code 2."""
@@ -352,6 +361,7 @@ SHARD_CASES = [
     ShardCase("manifest names a path outside", rename_in_manifest("../other/dev-000000.tar"), "'../other/dev-000000.tar' in"),  # and /abs: one check
     ShardCase("manifest is not JSON", break_the_manifest, "manifest.json is not a valid memetrain manifest"),
     ShardCase("more bad samples than max_bad_samples", corrupt_most_images, "11 bad samples on rank 0 worker 0, over max_bad_samples=10"),
+    ShardCase("two samples merged by a repeated key", merge_two_samples, "holds 31 samples, fewer than its manifest lists"),
 ]  # fmt: skip
 
 
