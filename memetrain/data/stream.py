@@ -220,6 +220,8 @@ class SampleDecoder:
             text = members["txt"].decode("utf-8")
         except UnicodeDecodeError:
             raise BadSample(key, "txt member is not valid UTF-8") from None
+        if not text.strip():
+            raise BadSample(key, "txt member is empty (a meme needs its text, as the pack requires)")
         return self._image(key, members[image_ext]), text, self._labels(key, members)
 
     def _image(self, key: str, data: bytes) -> torch.Tensor:

@@ -208,6 +208,7 @@ SAMPLE_CASES = [
     SampleCase("decompression bomb", replaced("jpg", BOMB), "image is 8200x8200, over the 64,000,000 pixel limit"),
     SampleCase("no image member", replaced("jpg", None), "no image member"),
     SampleCase("non-UTF-8 text", replaced("txt", b"caf\xe9"), "txt member is not valid UTF-8"),
+    SampleCase("empty text", replaced("txt", b"  "), "txt member is empty"),
     SampleCase("label 2", replaced("json", b'{"labels": {"hateful": 2}}'), "are not all 0 or 1"),
     SampleCase("label 'yes'", replaced("json", b'{"labels": {"hateful": "yes"}}'), "are not all 0 or 1"),
     SampleCase("malformed json member", replaced("json", b'{"labels": {"hat'), "json member is not a valid object"),
