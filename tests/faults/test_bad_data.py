@@ -363,6 +363,8 @@ SHARD_CASES = [
     ShardCase("manifest is not JSON", break_the_manifest, "manifest.json is not a valid memetrain manifest"),
     ShardCase("more bad samples than max_bad_samples", corrupt_most_images, "11 bad samples on rank 0 worker 0, over max_bad_samples=10"),
     ShardCase("two samples merged by a repeated key", merge_two_samples, "holds 31 samples, fewer than its manifest lists"),
+    ShardCase("shards= is a pipe: command", None, "shards only from a local directory", shards="'pipe:touch {marker}'"),
+    ShardCase("shards= is a URL", None, "shards only from a local directory", shards="https://example.invalid/shards"),
 ]  # fmt: skip
 
 

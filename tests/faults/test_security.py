@@ -114,3 +114,8 @@ def test_a_weights_file_holding_code_is_refused_and_never_run(tmp_path, load):
     with pytest.raises(ConfigError, match="weights.pth cannot be read safely"):
         load(tmp_path / "weights.pth")
     assert not marker.exists()
+
+
+def test_the_readme_says_shards_come_only_from_local_directories():
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "no `pipe:` or remote URLs, and no option enables them" in readme
