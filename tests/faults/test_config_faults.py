@@ -9,11 +9,15 @@ pack input (tests/data/test_pack.py::test_cli_errors_are_one_clear_line).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from memetrain.engine.distributed import build_accelerator
 from memetrain.errors import ConfigError
+from memetrain.run import train_and_evaluate
 from tests.faults.conftest import assert_one_clear_error, fault_run_overrides
 from tests.helpers import run_launcher
 
@@ -37,6 +41,7 @@ IN_PROCESS_CASES = [
     pytest.param(lambda: build_accelerator("fp8", 1, 1.0), "trainer.precision='fp8': choose one of no, bf16, fp16", id="unknown precision"),
     pytest.param(lambda: build_accelerator("fp16", 1, 1.0), "trainer.precision=fp16 needs a GPU", id="fp16 on a CPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    pytest.param(lambda: train_and_evaluate(OmegaConf.create({"seed": "abc"}), Path("unused")), "seed='abc': give an integer", id="seed not an integer"),
 ]  # fmt: skip
 
 

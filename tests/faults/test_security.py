@@ -18,8 +18,8 @@ import pytest
 from memetrain.errors import ConfigError
 from memetrain.models.image import create_backbone
 from memetrain.models.weights import read_state_dict
-from tests.faults.conftest import pickle_payload
-from tests.helpers import REPO
+from tests.faults.conftest import assert_one_clear_error, fault_run_overrides, pickle_payload
+from tests.helpers import REPO, run_launcher
 
 # -- the code never evaluates, unpickles, extracts or shells out --------------------------------
 
@@ -113,6 +113,17 @@ def test_a_weights_file_holding_code_is_refused_and_never_run(tmp_path, load):
     (tmp_path / "weights.pth").write_bytes(pickle_payload(marker))
     with pytest.raises(ConfigError, match="weights.pth cannot be read safely"):
         load(tmp_path / "weights.pth")
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_code_in_a_config_value_is_a_bad_value_not_run(synth_shards, tmp_path):
+    marker = tmp_path / "code-ran"
+    override = f'seed=\'__import__("os").system("touch {marker}")\''
+    result = run_launcher(
+        "train.py", *fault_run_overrides(synth_shards, tmp_path / "run"), override, timeout=240
+    )
+    assert_one_clear_error(result, 'error: seed=\'__import__("os").system(')
     assert not marker.exists()
 
 
