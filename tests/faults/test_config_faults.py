@@ -22,6 +22,15 @@ from memetrain.run import train_and_evaluate
 from tests.faults.conftest import assert_one_clear_error, fault_run_overrides
 from tests.helpers import run_launcher
 
+
+@pytest.fixture
+def a_file(tmp_path) -> Path:
+    """A regular file: no directory can be made below it, even by root."""
+    path = tmp_path / "a-file"
+    path.write_text("not a directory\n")
+    return path
+
+
 CLI_CASES = [
     pytest.param(["data.label_fraction=1.5"], "error: label_fraction must be in (0, 1]; got 1.5", id="label fraction over 1"),
     pytest.param(["data.batch_size=512", "trainer.global_batch_size=512"],  # raised in a loader worker
@@ -65,3 +74,24 @@ def test_a_bad_value_names_its_option(build, message):
     with pytest.raises(ConfigError) as raised:
         build()
     assert message in str(raised.value)
+
+
+@pytest.mark.slow
+def test_a_run_directory_that_cannot_be_created_is_one_clear_error(synth_shards, a_file):
+    result = run_launcher("train.py", *fault_run_overrides(synth_shards, a_file / "run"), timeout=120)
+    assert_one_clear_error(
+        result, f"error: cannot write to {a_file}/run (Not a directory); set hydra.run.dir"
+    )
+
+
+@pytest.mark.slow
+def test_a_read_only_run_directory_is_one_clear_error(synth_shards, small_filesystem):
+    read_only = small_filesystem("1m", read_only=True)
+    result = run_launcher("train.py", *fault_run_overrides(synth_shards, read_only / "run"), timeout=120)
+    assert_one_clear_error(result, f"error: cannot write to {read_only}/run (Read-only file system)")
+
+
+@pytest.mark.slow
+def test_a_pack_output_that_cannot_be_created_is_one_clear_error(a_file):
+    result = run_launcher("pack.py", "source=synth", "count=20", f"output={a_file}/out", timeout=120)
+    assert_one_clear_error(result, f"error: cannot write to {a_file}/out (Not a directory); set output")
