@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import resource
 import time
 from collections.abc import Iterator
@@ -166,8 +167,8 @@ class Trainer:
                 acc.backward(loss)
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 grad_norm = None
-                if acc.sync_gradients and self.s.grad_clip:
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.s.grad_clip)
+                if acc.sync_gradients:  # the norm also without clipping: an inf gradient must not step
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.s.grad_clip or math.inf)
                 if acc.sync_gradients and not self._finite(step_loss, grad_norm):
                     self.optimizer.zero_grad(set_to_none=True)
                 else:
