@@ -171,6 +171,8 @@ class Trainer:
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.s.grad_clip or math.inf)
                 if acc.sync_gradients and not self._finite(step_loss, grad_norm):
                     self.optimizer.zero_grad(set_to_none=True)
+                    if acc.scaler is not None:  # fp16: once unscaled, the scaler needs an update()
+                        acc.scaler.update(acc.scaler.get_scale())
                 else:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)

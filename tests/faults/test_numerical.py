@@ -3,7 +3,8 @@ steps (injected by the test-only ``faulty_supervised`` method; see faulty_method
 
 Expected: the step is skipped (the optimizer does not move), counted in ``results.json`` and the
 metrics, and warned about; more than ``trainer.max_nonfinite_steps`` in a row stop the run with one
-clear error.
+clear error. fp16 loss scaling exists only on CUDA (Accelerate has no CPU scaler and
+``build_accelerator`` refuses fp16 on CPU), so its test runs only where a GPU is.
 """
 
 from __future__ import annotations
@@ -67,3 +68,28 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run_with_one_error(synth_sh
     assert_one_clear_error(result, "error: the loss or gradient was not finite for 3 steps in a row")
     assert "lower trainer.lr" in result.stderr
     assert not (run_dir / "results.json").exists()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="fp16 loss scaling is CUDA-only: Accelerate has no CPU GradScaler and trainer.precision=fp16 "
+    "is refused on CPU (that refusal is tested in test_config_faults.py)",
+)
+def test_fp16_overflow_is_handled_by_the_loss_scaler(synth_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    result = faulty_run(
+        synth_shards,
+        run_dir,
+        "trainer.precision=fp16",
+        "+method.inf_grad_steps=[2]",  # an overflow: the scaler skips the step and halves its scale
+        "+method.nan_loss_steps=[4]",  # a bad loss: skipped and counted by the trainer, scale kept
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((run_dir / "results.json").read_text())["skipped_steps"] == 1
+    final = run_dir / "checkpoints" / f"step_{STEPS:07d}"
+    scaler = torch.load(final / "scaler.pt", weights_only=True)
+    assert scaler["scale"] == 2.0**16 / 2
+    assert adam_steps(final) == {STEPS - 2}
+    assert all(
+        torch.isfinite(tensor).all() for tensor in load_file(str(final / "model.safetensors")).values()
+    )
