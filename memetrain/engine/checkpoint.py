@@ -9,12 +9,16 @@ from safetensors or ``torch.load(weights_only=True)`` (Accelerate's loader), our
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import RNG_STATE_NAME
+from accelerate.utils import load as weights_only_load
+from safetensors import SafetensorError
 
 from memetrain.errors import MemetrainError
 from memetrain.fileio import atomic_write_json, atomic_write_text
@@ -78,5 +82,21 @@ class Checkpointer:
                 f"{path} has no {state_file.name}: it is not a memetrain checkpoint, or it was written by "
                 "fewer ranks than this run has; resume with the same number of processes"
             )
-        self.accelerator.load_state(str(path))
-        return json.loads(state_file.read_text())
+        try:
+            # Accelerate skips RNG states it cannot read with an info line, and the resume would
+            # silently differ from an uninterrupted run: read them once here to fail instead.
+            weights_only_load(path / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl")
+            self.accelerator.load_state(str(path))
+            return json.loads(state_file.read_text())
+        except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
+            raise CheckpointError(
+                f"checkpoint {path} cannot be loaded ({_reason(err)}): it is damaged, comes from another "
+                "model or config, or holds pickled code (never run: only tensors are read). Move it out "
+                f"of {self.directory} to resume from the one before it, or start over in another hydra.run.dir"
+            ) from None
+
+
+def _reason(err: BaseException) -> str:
+    """The exception's type and the first line of its message (torch's run to many lines)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"

@@ -11,10 +11,16 @@
 from __future__ import annotations
 
 import ast
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from torch import nn
 
+from memetrain.engine.checkpoint import Checkpointer, CheckpointError
 from memetrain.errors import ConfigError
 from memetrain.models.image import create_backbone
 from memetrain.models.weights import read_state_dict
@@ -94,6 +100,66 @@ def test_the_check_finds_what_it_looks_for(tmp_path):
     )
     found = source_problems(bad)
     assert [line.split(":")[1] for line in found] == ["2", "3", "4", "5", "6", "7"], found
+
+
+# -- checkpoints: whatever a file holds, only tensors are read ---------------------------------
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A real checkpoint (Accelerate's files plus ours) of a small model, and its Checkpointer."""
+    accelerator = Accelerator(cpu=True)
+    model = nn.Linear(3, 2)
+    accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    checkpointer = Checkpointer(tmp_path / "checkpoints", keep=2, accelerator=accelerator)
+    yield checkpointer, checkpointer.save(1, {"step": 1}, "seed: 0\n")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+CHECKPOINT_FILES = [
+    pytest.param("model.safetensors", "SafetensorError", id="model weights"),
+    pytest.param("optimizer.bin", "UnpicklingError", id="optimizer state"),
+    pytest.param("random_states_0.pkl", "UnpicklingError", id="RNG states (Accelerate skips them silently)"),
+]
+
+
+@pytest.mark.parametrize(("name", "error"), CHECKPOINT_FILES)
+def test_a_checkpoint_file_holding_code_is_refused_and_never_run(checkpoint, tmp_path, name, error):
+    checkpointer, path = checkpoint
+    marker = tmp_path / "pickle-ran"
+    (path / name).write_bytes(pickle_payload(marker))
+    with pytest.raises(
+        CheckpointError, match=f"checkpoint {path} cannot be loaded \\({error}: .*Move it out"
+    ):
+        checkpointer.load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        pytest.param("model.safetensors", lambda data: data[: len(data) // 2], id="truncated weights"),
+        pytest.param("trainer_state_0.json", lambda data: data[:-5], id="truncated trainer state"),
+        pytest.param("optimizer.bin", lambda data: b"", id="empty optimizer state"),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_clear_error(checkpoint, name, damage):
+    checkpointer, path = checkpoint
+    (path / name).write_bytes(damage((path / name).read_bytes()))
+    with pytest.raises(CheckpointError, match="cannot be loaded .*it is damaged"):
+        checkpointer.load(path)
+
+
+@pytest.mark.slow
+def test_resuming_from_a_checkpoint_holding_code_is_one_clear_error(synth_shards, reference_run, tmp_path):
+    run_dir = shutil.copytree(reference_run, tmp_path / "run")
+    marker = tmp_path / "pickle-ran"
+    (run_dir / "checkpoints" / "step_0000012" / "random_states_0.pkl").write_bytes(pickle_payload(marker))
+    result = run_launcher("train.py", *fault_run_overrides(synth_shards, run_dir), timeout=240)
+    assert_one_clear_error(result, f"error: checkpoint {run_dir}/checkpoints/step_0000012 cannot be loaded")
+    assert not marker.exists()
 
 
 # -- weights files and config values ------------------------------------------------------------
