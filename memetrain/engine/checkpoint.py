@@ -2,8 +2,9 @@
 
 A checkpoint is a directory ``checkpoints/step_NNNNNNN``. It is written as ``.step_NNNNNNN.tmp``
 and renamed only when every rank has finished writing, so a run killed mid-write leaves the
-previous checkpoint as the newest complete one. Nothing here is unpickled on load: tensors come
-from safetensors or ``torch.load(weights_only=True)`` (Accelerate's loader), our state from JSON.
+previous checkpoint as the newest complete one, and one that cannot be written (a full disk) is
+removed and reported. Nothing here is unpickled on load: tensors come from safetensors or
+``torch.load(weights_only=True)`` (Accelerate's loader), our state from JSON.
 """
 
 from __future__ import annotations
@@ -59,11 +60,22 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        atomic_write_json(tmp / f"trainer_state_{acc.process_index}.json", state)
+        try:
+            acc.save_state(str(tmp))
+            atomic_write_json(tmp / f"trainer_state_{acc.process_index}.json", state)
+            if acc.is_main_process:
+                atomic_write_text(tmp / "config.yaml", config_yaml)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)  # the space back; the previous checkpoint stays the newest
+            free = shutil.disk_usage(self.directory).free / 2**20
+            previous = self.latest()
+            raise CheckpointError(
+                f"writing checkpoint {final} failed ({_reason(err)}); {free:.0f} MiB are free there. Free "
+                "space (or lower trainer.keep_checkpoints) and re-run the same command: it resumes from "
+                f"{previous.name if previous else 'the start'}"
+            ) from None
         acc.wait_for_everyone()
         if acc.is_main_process:
-            atomic_write_text(tmp / "config.yaml", config_yaml)
             shutil.rmtree(
                 final, ignore_errors=True
             )  # a checkpoint of this step from a run that died after it

@@ -19,7 +19,7 @@ from memetrain.engine.distributed import build_accelerator
 from memetrain.engine.trainer import TrainerSettings, accumulation_steps
 from memetrain.errors import ConfigError
 from memetrain.run import train_and_evaluate
-from tests.faults.conftest import assert_one_clear_error, fault_run_overrides
+from tests.faults.conftest import assert_one_clear_error, assert_same_weights, fault_run_overrides
 from tests.helpers import run_launcher
 
 
@@ -95,3 +95,21 @@ def test_a_read_only_run_directory_is_one_clear_error(synth_shards, small_filesy
 def test_a_pack_output_that_cannot_be_created_is_one_clear_error(a_file):
     result = run_launcher("pack.py", "source=synth", "count=20", f"output={a_file}/out", timeout=120)
     assert_one_clear_error(result, f"error: cannot write to {a_file}/out (Not a directory); set output")
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
+    synth_shards, reference_run, small_filesystem
+):
+    """16 MiB hold the run's logs and two 7 MB checkpoints (steps 3 and 6); the third fails."""
+    run_dir = small_filesystem("16m") / "run"
+    result = run_launcher("train.py", *fault_run_overrides(synth_shards, run_dir), timeout=300)
+    assert_one_clear_error(result, f"error: writing checkpoint {run_dir}/checkpoints/step_0000009 failed")
+    assert "MiB are free there. Free space (or lower trainer.keep_checkpoints)" in result.stderr
+    assert "it resumes from step_0000006" in result.stderr
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000003", "step_0000006"], "the failed write was left behind"
+    assert_same_weights(
+        reference_run / "checkpoints" / "step_0000006", run_dir / "checkpoints" / "step_0000006"
+    )
+    assert not (run_dir / "results.json").exists()
