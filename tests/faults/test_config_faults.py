@@ -1,5 +1,7 @@
-"""Config and CLI faults through the real entry points. Expected: one ``error:`` line naming the
-option or file, and exit code 2.
+"""Config and CLI faults through the real entry points: wrong options, unwritable directories, and a
+disk that fills up while a checkpoint or a shard is written. Expected: one ``error:`` line naming the
+option or file, exit code 2, and nothing half-written left looking whole (the previous checkpoint
+stays the newest and loads; a failed pack leaves no shard and no manifest).
 
 Also covered elsewhere, not repeated here: unknown method, unknown key, missing shards path,
 ``data.label_fraction=0``, a global batch that is no multiple of the batch, ``resume=maybe``
@@ -113,3 +115,16 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
         reference_run / "checkpoints" / "step_0000006", run_dir / "checkpoints" / "step_0000006"
     )
     assert not (run_dir / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_packing_leaves_no_shard_and_no_manifest(small_filesystem):
+    output = small_filesystem("700k") / "pack"  # two of the train shards fit, then it is full
+    result = run_launcher(
+        "pack.py", "source=synth", "count=240", "image_size=64", "shard.max_samples=40", "workers=1",
+        f"output={output}", timeout=180,
+    )  # fmt: skip
+    assert_one_clear_error(
+        result, f"error: writing the pack to {output} failed (No space left on device); nothing was kept"
+    )
+    assert not [path.name for path in output.iterdir() if path.name != "pack.log"]
