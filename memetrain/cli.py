@@ -6,10 +6,13 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from memetrain.errors import ConfigError, MemetrainError
@@ -31,6 +34,29 @@ def user_errors_exit(main: Callable[[DictConfig], None]) -> Callable[[DictConfig
             sys.exit(2)
 
     return wrapped
+
+
+class WritableRunDir(Callback):
+    """Hydra callback (``hydra.callbacks`` in the configs): an output directory that cannot be
+    written is one ``error:`` line and exit code 2. Hydra creates it before the task runs and would
+    report a failure there as its own traceback."""
+
+    def __init__(self, option: str):
+        self.option = option  # what the user sets to choose the directory
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        HydraConfig.instance().set_config(config)  # hydra.run.dir interpolates ${hydra:...}
+        directory = Path(config.hydra.run.dir)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as err:
+            print(
+                f"error: cannot write to {directory} ({err.strerror}); set {self.option} to a writable directory",
+                file=sys.stderr,
+            )
+            sys.exit(2)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="pack", version_base="1.3")

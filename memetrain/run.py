@@ -42,6 +42,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     Returns the content of ``results.json`` (on every rank; only rank 0 writes files).
     """
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed={cfg.seed!r}: give an integer (config values are data, never evaluated)")
     accumulation = accumulation_steps(cfg.trainer.global_batch_size, cfg.data.batch_size, world_size())
     accelerator = build_accelerator(cfg.trainer.precision, accumulation, cfg.trainer.timeout_minutes)
     main = accelerator.is_main_process

@@ -17,6 +17,8 @@ from memetrain.fileio import atomic_write_json
 
 SCHEMA_VERSION = 1
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar$")
+_URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*:/)")
+"""A pipe: command or a URL (``https://``, ``s3://``; also as a Path has folded it to ``https:/``)."""
 MANIFEST_NAME = "manifest.json"
 
 
@@ -57,6 +59,11 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:
+        if _URL.match(str(directory)):
+            raise ManifestError(
+                f"{directory}: memetrain reads shards only from a local directory (no pipe: or URLs, "
+                "never: a pipe runs a command, a URL fetches unchecked data); copy or mount them locally"
+            )
         directory = Path(directory)
         path = directory / MANIFEST_NAME
         if not path.is_file():

@@ -3,7 +3,8 @@
 Each sample is ``<id>.jpg|png`` (image bytes), ``<id>.txt`` (text), ``<id>.json`` (labels, split,
 source, metadata) and ``<id>.cls`` (the main label; absent when unlabeled). Shards are written as
 ``.<name>.tmp`` and renamed when complete, and the manifest comes last, so an interrupted pack never
-leaves a shard or a dataset that looks whole. Bad memes are rejected one by one with a reason.
+leaves a shard or a dataset that looks whole; a pack that fails (a full disk) removes what it wrote.
+Bad memes are rejected one by one with a reason.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,9 +100,11 @@ class _HashingFile:
         return self._handle.write(data)
 
     def close(self) -> None:
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        finally:
+            self._handle.close()
 
 
 class _SplitWriter:
@@ -131,10 +135,13 @@ class _SplitWriter:
         self._samples = 0
 
     def abort(self) -> None:
-        """Drop the shard being written; it never gets its final name."""
+        """Drop the shard being written; it never gets its final name. Never raises (closing can
+        fail for the reason the pack failed, a full disk), so that every writer gets aborted."""
         if self._tar is not None:
-            self._tar.close()
-            self._file.close()
+            with suppress(OSError, ValueError):
+                self._tar.close()
+            with suppress(OSError, ValueError):
+                self._file.close()
             (self.root / f".{self._name}.tmp").unlink(missing_ok=True)
             self._tar = self._file = None
 
@@ -165,37 +172,52 @@ def pack(
         return PackSummary(skipped=True)
     root.mkdir(parents=True, exist_ok=True)
     _remove_previous_pack(root)
+    writers: dict[str, _SplitWriter] = {}
+    try:
+        return _write(source, root, options, fingerprint, writers)
+    except BaseException as err:
+        for writer in writers.values():
+            writer.abort()
+        _remove_previous_pack(root)  # a re-run redoes every shard anyway; a full disk gets its space back
+        if isinstance(err, OSError):
+            raise PackError(
+                f"writing the pack to {root} failed ({err.strerror or err}); nothing was kept. Free space "
+                "or choose another output, then pack again"
+            ) from None
+        raise
 
+
+def _write(
+    source: Source,
+    root: Path,
+    options: PackOptions,
+    fingerprint: dict[str, Any],
+    writers: dict[str, _SplitWriter],
+) -> PackSummary:
+    """Shards, tokenizer and manifest; the caller removes all of it if this fails."""
     start = time.perf_counter()
     summary = PackSummary()
     entries = _validated_entries(source, summary.rejected)
-    writers: dict[str, _SplitWriter] = {}
     histograms: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     unlabeled: Counter = Counter()
     train_texts: list[str] = []
-    try:
-        for result in tqdm(_load_all(source, entries, options), total=len(entries), desc="pack", unit="meme"):
-            if isinstance(result, Rejected):
-                summary.rejected.append(result.as_dict())
-                continue
-            record, sample = result
-            writers.setdefault(record.split, _SplitWriter(root, record.split, options)).write(sample)
-            summary.written[record.split] += 1
-            for name, value in record.labels.items():
-                histograms[record.split][name][str(value)] += 1
-            unlabeled[record.split] += not record.is_labeled
-            if record.split in TOKENIZER_SPLITS:
-                train_texts.append(record.text)
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
+    for result in tqdm(_load_all(source, entries, options), total=len(entries), desc="pack", unit="meme"):
+        if isinstance(result, Rejected):
+            summary.rejected.append(result.as_dict())
+            continue
+        record, sample = result
+        writers.setdefault(record.split, _SplitWriter(root, record.split, options)).write(sample)
+        summary.written[record.split] += 1
+        for name, value in record.labels.items():
+            histograms[record.split][name][str(value)] += 1
+        unlabeled[record.split] += not record.is_labeled
+        if record.split in TOKENIZER_SPLITS:
+            train_texts.append(record.text)
     for writer in writers.values():
         writer.close()
     summary.seconds = time.perf_counter() - start
 
     if options.strict and summary.rejected:
-        _remove_previous_pack(root)
         first = summary.rejected[0]
         raise PackError(
             f"strict=true and {len(summary.rejected)} record(s) were rejected (first: {first['id']}: "

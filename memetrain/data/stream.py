@@ -174,6 +174,13 @@ def read_samples(
                 raise EOFError("the file ends before the tar's end-of-archive marker")
             if index == target:
                 yield key, members
+                target = next(wanted, stop)
+        if target < stop:
+            raise StreamError(
+                f"shard {path} holds {index + 1} samples, fewer than its manifest lists (sample {target} was "
+                "wanted): its members were renamed or reordered (two samples with one key in a row merge "
+                "into one); re-pack it"
+            )
     except (tarfile.TarError, EOFError, OSError) as err:
         raise StreamError(
             f"shard {path} is corrupt or truncated near sample {index + 1} ({type(err).__name__}: {err}); "
@@ -213,6 +220,8 @@ class SampleDecoder:
             text = members["txt"].decode("utf-8")
         except UnicodeDecodeError:
             raise BadSample(key, "txt member is not valid UTF-8") from None
+        if not text.strip():
+            raise BadSample(key, "txt member is empty (a meme needs its text, as the pack requires)")
         return self._image(key, members[image_ext]), text, self._labels(key, members)
 
     def _image(self, key: str, data: bytes) -> torch.Tensor:
@@ -265,6 +274,14 @@ class _SlotDataset(IterableDataset):
         self.epoch, self.skip = stream._shared_epoch, stream._shared_skip
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._batches()
+        except MemetrainError as err:
+            # Raised in a loader worker, it would reach the main process as a traceback in text;
+            # sent as an item it arrives whole, and MemeStream raises it there as the error it is.
+            yield {"error": err}
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         epoch, skip = self.epoch.value, self.skip.value
         workers = info.num_workers if info else 1
@@ -438,6 +455,8 @@ class MemeStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._shared_epoch.value, self._shared_skip.value = self.epoch, self.batches_done
         for batch in self._dataloader():
+            if "error" in batch:
+                raise batch["error"]
             self.batches_done += 1
             self.bad_samples += batch.pop("bad_samples")
             yield batch

@@ -2,19 +2,24 @@
 
 A checkpoint is a directory ``checkpoints/step_NNNNNNN``. It is written as ``.step_NNNNNNN.tmp``
 and renamed only when every rank has finished writing, so a run killed mid-write leaves the
-previous checkpoint as the newest complete one. Nothing here is unpickled on load: tensors come
-from safetensors or ``torch.load(weights_only=True)`` (Accelerate's loader), our state from JSON.
+previous checkpoint as the newest complete one, and one that cannot be written (a full disk) is
+removed and reported. Nothing here is unpickled on load: tensors come from safetensors or
+``torch.load(weights_only=True)`` (Accelerate's loader), our state from JSON.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import RNG_STATE_NAME
+from accelerate.utils import load as weights_only_load
+from safetensors import SafetensorError
 
 from memetrain.errors import MemetrainError
 from memetrain.fileio import atomic_write_json, atomic_write_text
@@ -55,11 +60,22 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        atomic_write_json(tmp / f"trainer_state_{acc.process_index}.json", state)
+        try:
+            acc.save_state(str(tmp))
+            atomic_write_json(tmp / f"trainer_state_{acc.process_index}.json", state)
+            if acc.is_main_process:
+                atomic_write_text(tmp / "config.yaml", config_yaml)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)  # the space back; the previous checkpoint stays the newest
+            free = shutil.disk_usage(self.directory).free / 2**20
+            previous = self.latest()
+            raise CheckpointError(
+                f"writing checkpoint {final} failed ({_reason(err)}); {free:.0f} MiB are free there. Free "
+                "space (or lower trainer.keep_checkpoints) and re-run the same command: it resumes from "
+                f"{previous.name if previous else 'the start'}"
+            ) from None
         acc.wait_for_everyone()
         if acc.is_main_process:
-            atomic_write_text(tmp / "config.yaml", config_yaml)
             shutil.rmtree(
                 final, ignore_errors=True
             )  # a checkpoint of this step from a run that died after it
@@ -78,5 +94,21 @@ class Checkpointer:
                 f"{path} has no {state_file.name}: it is not a memetrain checkpoint, or it was written by "
                 "fewer ranks than this run has; resume with the same number of processes"
             )
-        self.accelerator.load_state(str(path))
-        return json.loads(state_file.read_text())
+        try:
+            # Accelerate skips RNG states it cannot read with an info line, and the resume would
+            # silently differ from an uninterrupted run: read them once here to fail instead.
+            weights_only_load(path / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl")
+            self.accelerator.load_state(str(path))
+            return json.loads(state_file.read_text())
+        except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
+            raise CheckpointError(
+                f"checkpoint {path} cannot be loaded ({_reason(err)}): it is damaged, comes from another "
+                "model or config, or holds pickled code (never run: only tensors are read). Move it out "
+                f"of {self.directory} to resume from the one before it, or start over in another hydra.run.dir"
+            ) from None
+
+
+def _reason(err: BaseException) -> str:
+    """The exception's type and the first line of its message (torch's run to many lines)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import resource
 import time
 from collections.abc import Iterator
@@ -56,6 +57,21 @@ class TrainerSettings:
     keep_checkpoints: int
     max_nonfinite_steps: int
 
+    def __post_init__(self) -> None:
+        """A value of the wrong type or out of range names its option (not a TypeError mid-run)."""
+        least = {"max_steps": 0, "warmup_steps": 0, "max_nonfinite_steps": 0}
+        for name in ("max_steps", "global_batch_size", "warmup_steps", "log_every", "val_every",
+                     "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):  # fmt: skip
+            value, minimum = getattr(self, name), least.get(name, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"trainer.{name}={value!r}: give a whole number of at least {minimum}")
+        for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "eps", "grad_clip"):
+            value = getattr(self, name)
+            if value is None and name == "grad_clip":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"trainer.{name}={value!r}: give a number of at least 0")
+
 
 @dataclass
 class TrainState:
@@ -69,6 +85,9 @@ class TrainState:
 
 def accumulation_steps(global_batch_size: int, batch_size: int, world_size: int) -> int:
     """Micro-batches per optimizer step, so the global batch is the same at any world size."""
+    for name, value in (("data.batch_size", batch_size), ("trainer.global_batch_size", global_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r}: give a whole number of at least 1")
     per_step = batch_size * world_size
     if global_batch_size % per_step:
         raise ConfigError(
@@ -148,10 +167,12 @@ class Trainer:
                 acc.backward(loss)
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 grad_norm = None
-                if acc.sync_gradients and self.s.grad_clip:
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.s.grad_clip)
+                if acc.sync_gradients:  # the norm also without clipping: an inf gradient must not step
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.s.grad_clip or math.inf)
                 if acc.sync_gradients and not self._finite(step_loss, grad_norm):
                     self.optimizer.zero_grad(set_to_none=True)
+                    if acc.scaler is not None:  # fp16: once unscaled, the scaler needs an update()
+                        acc.scaler.update(acc.scaler.get_scale())
                 else:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)

@@ -6,7 +6,6 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -152,9 +151,7 @@ def test_interrupted_pack_leaves_no_dataset_and_a_rerun_rewrites_cleanly(tmp_pat
         pack(ExplodingSource(**options), tmp_path, PackOptions(max_samples_per_shard=20, workers=1), options)
     assert not (tmp_path / "manifest.json").exists()
     assert not list(tmp_path.glob(".*.tmp"))
-    for shard in tmp_path.glob("*.tar"):  # only complete shards got their final name
-        with tarfile.open(shard) as tar:
-            assert len(tar.getnames()) == 4 * 20
+    assert not list(tmp_path.glob("*.tar")), "a failed pack keeps none of its shards"
     pack_synth(tmp_path, count=120, image_size=48, per_shard=20)
     manifest = Manifest.load(tmp_path)
     assert sum(split.samples for split in manifest.splits.values()) == 120
