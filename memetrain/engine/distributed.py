@@ -158,7 +158,9 @@ def build_accelerator(trainer: Mapping[str, Any], batch_size: int, accumulation:
         # machine: Accelerate's CPU mode would not start DeepSpeed (the gloo backend runs it there).
         return Accelerator(
             mixed_precision="fp16" if trainer["precision"] == "fp16" else "no",
-            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config),
+            # zero3_init_flag=False: models are built whole on every rank (as without DeepSpeed,
+            # so our weight loading and checks see real tensors) and ZeRO-3 shards them at prepare
+            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False),
             **common,
         )
     return Accelerator(cpu=not cuda, mixed_precision=trainer["precision"], **common)
@@ -199,9 +201,8 @@ def leave_after_failure(error: BaseException) -> None:
     collective that failed on a dead peer into one clear :class:`PeerFailure`.
 
     gloo notices a peer that died at once (its TCP connection closes) and raises here; NCCL
-    notices within ``trainer.timeout_minutes`` (its watchdog then aborts the process with
-    the timed-out collective in its message). Under torchrun the agent also stops every other
-    worker as soon as one exits, and reports which rank failed first.
+    only when the collective times out (``trainer.timeout_minutes``). Under torchrun the agent
+    also stops every other worker as soon as one exits, and reports which rank failed first.
     """
     group = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not group:
