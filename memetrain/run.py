@@ -22,9 +22,16 @@ from memetrain.data.stream import MemeStream, StreamSettings, split_labels
 from memetrain.data.tokenizer import TextEncoder
 from memetrain.data.transforms import Resize, build_view
 from memetrain.engine.checkpoint import Checkpointer
-from memetrain.engine.distributed import build_accelerator, shutdown, world_size
+from memetrain.engine.distributed import (
+    build_accelerator,
+    env_from_slurm,
+    leave_after_failure,
+    shutdown,
+    world_size,
+)
 from memetrain.engine.logger import RunLogger
-from memetrain.engine.optim import build_adamw
+from memetrain.engine.model_options import apply_trainer_options
+from memetrain.engine.optim import build_optimizer
 from memetrain.engine.provenance import provenance
 from memetrain.engine.trainer import Trainer, TrainerSettings, accumulation_steps
 from memetrain.errors import ConfigError
@@ -44,11 +51,15 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed={cfg.seed!r}: give an integer (config values are data, never evaluated)")
+    from_slurm = env_from_slurm()  # a task started by srun or submitit: RANK, WORLD_SIZE ... from SLURM_*
     accumulation = accumulation_steps(cfg.trainer.global_batch_size, cfg.data.batch_size, world_size())
-    accelerator = build_accelerator(cfg.trainer.precision, accumulation, cfg.trainer.timeout_minutes)
+    trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    accelerator = build_accelerator(trainer_options, cfg.data.batch_size, accumulation)
     main = accelerator.is_main_process
     try:
         _setup_logging(run_dir, main)
+        if from_slurm and main:
+            log.info("processes from Slurm: %s", " ".join(f"{k}={v}" for k, v in from_slurm.items()))
         set_seed(cfg.seed, device_specific=True)
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=False)
@@ -75,11 +86,13 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 f"method {name} does not classify: evaluate it with eval=probe (linear probe, kNN)"
             )
         stages = method.stages(cfg.trainer.max_steps)
+        scalars = apply_trainer_options(method, trainer_options, len(stages))
         _check_splits(data, manifest, label_free=any(stage.reads_unlabeled for stage in stages))
         targets = _targets(data, manifest)
         stage_dirs = [run_dir if len(stages) == 1 else run_dir / "stages" / s.name for s in stages]
         checkpointers = [
-            Checkpointer(d / "checkpoints", cfg.trainer.keep_checkpoints, accelerator) for d in stage_dirs
+            Checkpointer(d / "checkpoints", cfg.trainer.keep_checkpoints, accelerator, scalars)
+            for d in stage_dirs
         ]
         for checkpointer in checkpointers:
             _check_resume(cfg.resume, checkpointer)
@@ -95,8 +108,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             train_stream = _train_stream(data, manifest, stage, build_view(**view), encoder, cfg.seed)
             if stage is not stages[0]:
                 accelerator.free_memory()  # the previous stage's wrapped model and optimizer
-            optimizer = build_adamw(
-                method.param_groups(t.weight_decay), t.lr, t.betas, t.eps, accelerator.device
+            optimizer = build_optimizer(
+                method.param_groups(t.weight_decay), trainer_options, accelerator.device
             )
             model, optimizer = accelerator.prepare(method, optimizer)
             fields = {f: t[f] for f in TrainerSettings.__dataclass_fields__}
@@ -167,6 +180,9 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             _print_summary(run_dir, protocols)
         trainer.logger.close()
         return results
+    except BaseException as error:
+        leave_after_failure(error)  # without waiting for the other ranks; PeerFailure if one died
+        raise
     finally:
         shutdown()
 

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import pack_synth
+from tests.helpers import REPO, pack_synth
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed compiles its CPU communication op (~30 s) on first use: once per checkout, here.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
 
 
 @pytest.fixture(scope="session")

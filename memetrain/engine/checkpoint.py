@@ -3,8 +3,14 @@
 A checkpoint is a directory ``checkpoints/step_NNNNNNN``. It is written as ``.step_NNNNNNN.tmp``
 and renamed only when every rank has finished writing, so a run killed mid-write leaves the
 previous checkpoint as the newest complete one, and one that cannot be written (a full disk) is
-removed and reported. Nothing here is unpickled on load: tensors come from safetensors or
-``torch.load(weights_only=True)`` (Accelerate's loader), our state from JSON.
+removed and reported. Without DeepSpeed nothing is unpickled on load:
+tensors come from safetensors or ``torch.load(weights_only=True)`` (Accelerate's loader), our state
+from JSON. Under DeepSpeed, Accelerate's state is DeepSpeed's checkpoint (``pytorch_model/``: every
+rank's partitions of weights and optimizer), which DeepSpeed reads with ``torch.load`` and
+unpickles: resume only from checkpoints you wrote. Either way ``model.safetensors`` holds the
+whole model in fp32 with the method's parameter names and shapes, for fine-tuning and
+evaluation (``method.init``, SemiMemes' ``clip.weights``); under ZeRO it is merged from the
+partitions by DeepSpeed's ``zero_to_fp32`` on rank 0, inside the temporary directory.
 """
 
 from __future__ import annotations
@@ -17,12 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import RNG_STATE_NAME
+from accelerate.utils import RNG_STATE_NAME, DistributedType
 from accelerate.utils import load as weights_only_load
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 
+from memetrain.engine.zero import consolidated_weights
 from memetrain.errors import MemetrainError
 from memetrain.fileio import atomic_write_json, atomic_write_text
+
+WEIGHTS = "model.safetensors"
+DEEPSPEED_TAG = "pytorch_model"  # the directory Accelerate's save_state gives DeepSpeed's checkpoint
 
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
@@ -32,12 +43,19 @@ class CheckpointError(MemetrainError):
 
 
 class Checkpointer:
-    """Saves and finds checkpoints under ``directory``, keeping the newest ``keep``."""
+    """Saves and finds checkpoints under ``directory``, keeping the newest ``keep``.
 
-    def __init__(self, directory: str | Path, keep: int, accelerator: Accelerator):
+    ``scalar_parameters`` names the parameters that are 0-d in the method but were made
+    1-element vectors for DeepSpeed (:func:`memetrain.engine.zero.vectorize_scalar_parameters`).
+    """
+
+    def __init__(
+        self, directory: str | Path, keep: int, accelerator: Accelerator, scalar_parameters: list[str] = ()
+    ):
         if keep < 1:
             raise CheckpointError(f"trainer.keep_checkpoints={keep}: keep at least 1")
         self.directory, self.keep, self.accelerator = Path(directory), keep, accelerator
+        self.scalar_parameters = list(scalar_parameters)
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -63,7 +81,11 @@ class Checkpointer:
         try:
             acc.save_state(str(tmp))
             atomic_write_json(tmp / f"trainer_state_{acc.process_index}.json", state)
+            acc.wait_for_everyone()
             if acc.is_main_process:
+                if acc.distributed_type == DistributedType.DEEPSPEED:
+                    weights = consolidated_weights(tmp, DEEPSPEED_TAG, self.scalar_parameters)
+                    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
                 atomic_write_text(tmp / "config.yaml", config_yaml)
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)  # the space back; the previous checkpoint stays the newest

@@ -1,5 +1,6 @@
 """AdamW with decay only on weight matrices: biases, norms and embeddings' 1-d parameters are
-left undecayed (as in BERT, DINO and open_clip)."""
+left undecayed (as in BERT, DINO and open_clip). torch's AdamW, fused into one kernel per step on
+CUDA, everywhere (DDP and DeepSpeed alike); DeepSpeed's FusedAdam when the trainer asks for it."""
 
 from __future__ import annotations
 
@@ -25,3 +26,13 @@ def build_adamw(
 ) -> torch.optim.AdamW:
     """AdamW, fused into one kernel per step where the device supports it (CUDA)."""
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type == "cuda")
+
+
+def build_optimizer(groups: list[dict], trainer, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer ``trainer`` (``configs/trainer/*.yaml``) asks for, over ``groups``."""
+    lr, betas, eps = trainer["lr"], trainer["betas"], trainer["eps"]
+    if trainer["strategy"] == "deepspeed" and trainer["deepspeed"]["optimizer"] == "fused_adam":
+        from memetrain.engine.zero import build_fused_adam
+
+        return build_fused_adam(groups, lr, betas, eps)
+    return build_adamw(groups, lr, betas, eps, device)

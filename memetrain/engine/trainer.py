@@ -4,7 +4,9 @@ Components (built by the caller): the Accelerate ``accelerator``, the ``method``
 the ``optimizer``, the training ``stream`` and an optional validation stream, the ``logger`` and the
 ``checkpointer``. Checkpointed state: Accelerate's (model, optimizer, scaler, every RNG), the
 stream's position and :class:`TrainState`. The learning rate and weight decay are pure functions of
-the step (``memetrain.engine.schedules``), so the step is the only schedule state.
+the step (``memetrain.engine.schedules``), so the step is the only schedule state. The same loop
+runs one process, DDP and DeepSpeed (whose engine steps inside ``accelerator.backward`` on the
+last micro-batch, clipping and skipping non-finite gradients itself).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm import tqdm
 
 from memetrain.data.stream import MemeStream
@@ -51,6 +54,7 @@ class TrainerSettings:
     betas: tuple[float, float]
     eps: float
     grad_clip: float | None
+    precision: str
     log_every: int
     val_every: int
     checkpoint_every: int
@@ -114,6 +118,7 @@ class Trainer:
         self.stream, self.val_stream, self.checkpointer = stream, val_stream, checkpointer
         self.config_yaml = config_yaml
         self.accum = accelerator.gradient_accumulation_steps
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.state = TrainState()
         self.logger: RunLogger | None = None
 
@@ -147,6 +152,7 @@ class Trainer:
                     self.save()
         finally:
             progress.close()
+        self._broadcast_buffers()  # evaluation after training sees the saved buffers on every rank
         return self.state
 
     def train_step(self, batches: Iterator[dict[str, Any]], window: _Window) -> None:
@@ -161,6 +167,8 @@ class Trainer:
             window.data_seconds += time.perf_counter() - start
             if self.state.step == 0 and micro == 0:
                 self._log_inputs(batch)
+            if self.deepspeed:
+                self._broadcast_buffers()  # what DDP does before each forward
             with acc.accumulate(self.model), acc.autocast():
                 losses, report = self.model(batch)  # Method.forward = training_step, through DDP/DeepSpeed
                 loss = sum(value for name, value in losses.items() if name.endswith("_loss"))
@@ -168,6 +176,7 @@ class Trainer:
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 grad_norm = None
                 if acc.sync_gradients:  # the norm also without clipping: an inf gradient must not step
+                    # DDP: clips here; DeepSpeed: already clipped and stepped, this is its norm
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.s.grad_clip or math.inf)
                 if acc.sync_gradients and not self._finite(step_loss, grad_norm):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -182,13 +191,20 @@ class Trainer:
         self.state.step += 1
         self.state.samples += self.s.global_batch_size
 
-    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-        """Host sync once per optimizer step: the loss (and, without fp16 loss scaling, whose
-        scaler handles overflowing gradients itself, the gradient norm) must be finite."""
-        values = (
-            [loss] if grad_norm is None or self.accelerator.mixed_precision == "fp16" else [loss, grad_norm]
-        )
-        if all(torch.isfinite(value).all() for value in values):
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> bool:
+        """Host sync once per optimizer step: the loss summed over ranks (so every rank decides
+        alike) and, without fp16 loss scaling (whose scaler handles overflowing gradients itself),
+        the gradient norm must be finite; under DeepSpeed, which has already stepped, the step
+        must have been applied (its ZeRO optimizers skip non-finite gradients)."""
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            loss = acc.reduce(loss.clone(), "sum")
+        scaled = self.s.precision == "fp16"
+        values = [loss] if grad_norm is None or scaled else [loss, torch.as_tensor(grad_norm)]
+        finite = all(torch.isfinite(value).all() for value in values)
+        if self.deepspeed and not scaled:
+            finite = finite and self.model.was_step_applied()
+        if finite:
             self.state.consecutive_nonfinite = 0
             return True
         self.state.skipped_steps += 1
@@ -205,6 +221,14 @@ class Trainer:
                 "precision=bf16 over fp16, or check the data"
             )
         return False
+
+    def _broadcast_buffers(self) -> None:
+        """Every rank takes rank 0's buffers (batch-norm statistics), which are the saved ones: DDP
+        does so before each forward, DeepSpeed never, and each rank updates them from its own
+        batches; without this, ranks would evaluate (and resume) with statistics of their own."""
+        if self.accelerator.num_processes > 1:
+            for buffer in self.method.buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
 
     def _set_schedules(self) -> None:
         step, s = self.state.step, self.s
@@ -267,6 +291,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Mean of the method's validation metrics over the validation split (all ranks)."""
         acc, method = self.accelerator, self.method
+        self._broadcast_buffers()
         self.model.eval()
         sums: dict[str, torch.Tensor] = {}
         count = torch.zeros((), device=acc.device)

@@ -21,8 +21,11 @@ class ImageNormalizer(nn.Module):
 
     Batches stay uint8 through the loader (4x less host memory and transfer than float32) and are
     normalised here, on the device. ``mean`` and ``std`` are non-persistent buffers: they follow
-    ``.to(device)`` but come from the configuration, not from checkpoints.
+    ``.to(device)`` but come from the configuration, not from checkpoints. ``memory_format`` is
+    the layout of the output (:func:`memetrain.models.memory.use_channels_last` changes it).
     """
+
+    memory_format = torch.contiguous_format
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
@@ -35,8 +38,9 @@ class ImageNormalizer(nn.Module):
         if images.dtype != torch.uint8:
             raise TypeError(f"ImageNormalizer expects uint8 images, got {images.dtype}")
         # The loader stacks batches channels-last (a cheap copy there); CPU training steps were
-        # up to 3x slower on that layout in our runs, so reorder here, while the data is still uint8.
-        images = images.contiguous()
+        # up to 3x slower on that layout in our runs, so reorder here, while the data is still uint8
+        # (GPU runs with trainer.channels_last keep it).
+        images = images.contiguous(memory_format=self.memory_format)
         # x / 255 / std - mean / std, computed in float32 then cast: [B, 3, H, W]
         return (images.float() * self.scale - self.shift).to(dtype)
 
@@ -68,7 +72,12 @@ class ImageEncoder(nn.Module):
         self.out_dim: int = getattr(self.model, "head_hidden_size", None) or self.model.num_features
         self.frozen = freeze
         if grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
+            try:
+                self.model.set_grad_checkpointing(True)
+            except AssertionError:  # timm's "not supported" (VGG)
+                raise ConfigError(
+                    f"timm model {name!r} has no gradient checkpointing; set grad_checkpointing=false for it"
+                ) from None
         if freeze:
             self.model.requires_grad_(False)
             self.model.eval()

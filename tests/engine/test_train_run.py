@@ -128,20 +128,14 @@ def test_two_processes_under_torchrun_and_accelerate_launch(synth_shards, tmp_pa
 
     run_dir = tmp_path / launcher
     overrides = tiny_run_overrides(synth_shards, run_dir, steps=4) + ["data.batch_size=8", "eval.tsne=false"]
+    overrides.append("trainer=ddp")  # which refuses to run as one process
     if launcher == "torchrun":
         command = torchrun(2)
         env = {}
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            str(free_port()),
-        ]
+        config = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"  # the shipped one
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+        command += ["--main_process_port", str(free_port())]
         env = {"ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(
         [*command, str(REPO / "launcher" / "train.py"), *overrides],

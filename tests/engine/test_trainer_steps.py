@@ -39,7 +39,8 @@ def fresh_accelerate_state():
 def settings(**overrides) -> TrainerSettings:
     values = dict(
         max_steps=4, global_batch_size=16, lr=1e-2, min_lr=1e-2, warmup_steps=0, weight_decay=0.0,
-        weight_decay_end=0.0, betas=(0.9, 0.999), eps=1e-8, grad_clip=None, log_every=100, val_every=100,
+        weight_decay_end=0.0, betas=(0.9, 0.999), eps=1e-8, grad_clip=None, precision="no", log_every=100,
+        val_every=100,
         checkpoint_every=100, keep_checkpoints=1, max_nonfinite_steps=2,
     )  # fmt: skip
     return TrainerSettings(**{**values, **overrides})
@@ -65,7 +66,15 @@ def build(
     optimizer = build_adamw(method.param_groups(0.0), 1e-2, (0.9, 0.999), 1e-8, accelerator.device)
     model, optimizer = accelerator.prepare(method, optimizer)
     checkpointer = Checkpointer(tmp_path / "checkpoints", 1, accelerator)
-    return Trainer(settings(**trainer), accelerator, model, optimizer, stream, checkpointer, "x: 1\n")
+    return Trainer(
+        settings(precision=precision, **trainer),
+        accelerator,
+        model,
+        optimizer,
+        stream,
+        checkpointer,
+        "x: 1\n",
+    )
 
 
 def fit(trainer: Trainer, tmp_path: Path):

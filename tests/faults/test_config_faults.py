@@ -17,12 +17,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from memetrain.engine.distributed import build_accelerator
+from memetrain.engine.distributed import check_trainer
 from memetrain.engine.trainer import TrainerSettings, accumulation_steps
 from memetrain.errors import ConfigError
 from memetrain.run import train_and_evaluate
 from tests.faults.conftest import assert_one_clear_error, assert_same_weights, fault_run_overrides
-from tests.helpers import run_launcher
+from tests.helpers import REPO, run_launcher
 
 
 @pytest.fixture
@@ -53,9 +53,15 @@ def trainer_settings(**overrides) -> TrainerSettings:
     values = dict(
         max_steps=12, global_batch_size=16, lr=1e-3, min_lr=0.0, warmup_steps=2, weight_decay=0.05,
         weight_decay_end=0.05, betas=(0.9, 0.999), eps=1e-8, grad_clip=1.0, log_every=1, val_every=6,
-        checkpoint_every=3, keep_checkpoints=2, max_nonfinite_steps=5,
+        checkpoint_every=3, keep_checkpoints=2, max_nonfinite_steps=5, precision="no",
     )  # fmt: skip
     return TrainerSettings(**{**values, **overrides})
+
+
+def trainer_config(**overrides) -> dict:
+    """``configs/trainer/single.yaml`` with ``overrides``, checked as a run on this machine checks it."""
+    config = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "trainer" / "single.yaml"))
+    check_trainer({**config, **overrides}, 1, torch.cuda.is_available())
 
 
 IN_PROCESS_CASES = [
@@ -63,8 +69,8 @@ IN_PROCESS_CASES = [
     pytest.param(lambda: trainer_settings(checkpoint_every=0), "trainer.checkpoint_every=0: give a whole number of at least 1", id="checkpoint every 0 steps"),
     pytest.param(lambda: trainer_settings(lr=-1.0), "trainer.lr=-1.0: give a number of at least 0", id="negative learning rate"),
     pytest.param(lambda: accumulation_steps(16, 0, 1), "data.batch_size=0: give a whole number of at least 1", id="batch size 0"),
-    pytest.param(lambda: build_accelerator("fp8", 1, 1.0), "trainer.precision='fp8': choose one of no, bf16, fp16", id="unknown precision"),
-    pytest.param(lambda: build_accelerator("fp16", 1, 1.0), "trainer.precision=fp16 needs a GPU", id="fp16 on a CPU",
+    pytest.param(lambda: trainer_config(precision="fp8"), "trainer.precision='fp8': choose one of no, bf16, fp16", id="unknown precision"),
+    pytest.param(lambda: trainer_config(precision="fp16"), "trainer.precision=fp16 needs a GPU", id="fp16 on a CPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     pytest.param(lambda: train_and_evaluate(OmegaConf.create({"seed": "abc"}), Path("unused")), "seed='abc': give an integer", id="seed not an integer"),
 ]  # fmt: skip
