@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import io
 import math
 import multiprocessing
 import os
@@ -38,6 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
+from memetrain.data.decode import decode_rgb
 from memetrain.data.manifest import Manifest
 from memetrain.data.pack import PackOptions, pack
 from memetrain.data.sources.synth import SynthMemes
@@ -226,24 +226,32 @@ def baseline_a_epoch(loader: DataLoader) -> int:
 # 5. baseline B: the decode limit -------------------------------------------------------------
 
 _images: list[bytes] = []
-_size = 0
+_view: Resize | None = None
 
 
 def _init_decoder(images: list[bytes], size: int) -> None:
-    global _images, _size
-    _images, _size = images, size
+    global _images, _view
+    _images, _view = images, Resize(size)
 
 
 def _decode_range(bounds: tuple[int, int]) -> int:
+    """The stream's own decode and view (same calls, same tensors), nothing else."""
     for data in _images[bounds[0] : bounds[1]]:
-        image = Image.open(io.BytesIO(data))
-        image.draft("RGB", (_size, _size))
-        image.convert("RGB").resize((_size, _size), Image.Resampling.BILINEAR)
+        _view(decode_rgb(data, _view.decode_size))
     return bounds[1] - bounds[0]
 
 
-def split_images(shard_paths: list[Path]) -> list[bytes]:
-    return [members["jpg"] for path in shard_paths for _, members in tar_samples(path)]
+def split_images(shard_paths: list[Path]) -> dict[str, bytes]:
+    return {key: members["jpg"] for path in shard_paths for key, members in tar_samples(path)}
+
+
+def check_same_tensors(shards: Path, images: dict[str, bytes], size: int) -> None:
+    """Baseline B must produce exactly the images the stream delivers, or the ratio means nothing."""
+    view = Resize(size)
+    batch = next(iter(MemeStream(shards, SPLIT, StreamSettings(batch_size=64, num_workers=0), view)))
+    for key, image in zip(batch["id"], batch["image"]):
+        if not torch.equal(view(decode_rgb(images[key], view.decode_size)), image):
+            raise SystemExit(f"baseline B decodes {key} differently from MemeStream: fix the benchmark")
 
 
 def decode_pass(pool: multiprocessing.pool.Pool, count: int, workers: int) -> int:
@@ -268,6 +276,8 @@ def bench_streams(shards: Path, shard_paths: list[Path], args: argparse.Namespac
     stream = make_stream(shards, args, encoder)
     loader = make_baseline_a([str(p) for p in shard_paths], args, encoder)
     images = split_images(shard_paths)
+    check_same_tensors(shards, images, args.image_size)
+    images = list(images.values())
     runs: dict[str, list[float]] = {"stream": [], "a": [], "b": []}
     with multiprocessing.Pool(max(1, args.workers), _init_decoder, (images, args.image_size)) as pool:
         for run in range(args.repeats + 1):  # run 0 starts the workers and warms the caches
