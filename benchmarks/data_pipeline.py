@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import math
 import multiprocessing
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -34,6 +30,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 from PIL import Image
+from report import machine_info, median, record, spread  # benchmarks/report.py (the script's folder)
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
@@ -45,8 +42,6 @@ from memetrain.data.stream import MemeStream, StreamSettings
 from memetrain.data.tokenizer import TextEncoder
 from memetrain.data.transforms import Resize
 
-ROOT = Path(__file__).resolve().parent.parent
-RECORD = ROOT / "BENCHMARKS.md"
 SPLIT = "train"
 MAX_LENGTH = 32  # tokens per text, as configs/inspect_shards.yaml
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN / STD
@@ -72,23 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def machine_info() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (
-        f"{cpu}, {os.cpu_count()} cores ({usable} usable); Python {platform.python_version()}, "
-        f"torch {torch.__version__}, webdataset {wds.__version__}, Pillow {Image.__version__}; "
-        f"load average {os.getloadavg()[0]:.2f} at the start"
-    )
-
-
 @contextlib.contextmanager
 def quiet():
     """Silence stdout and stderr at the file-descriptor level (pack's and the tokenizer trainer's bars)."""
@@ -104,19 +82,6 @@ def quiet():
             for fd, copy in zip((1, 2), saved):
                 os.dup2(copy, fd)
                 os.close(copy)
-
-
-def code_version() -> str:
-    """The commit benchmarked, and whether memetrain/ had uncommitted changes."""
-
-    def git(*command: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *command], capture_output=True, text=True).stdout
-
-    try:
-        commit, dirty = git("rev-parse", "--short", "HEAD").strip(), git("status", "--porcelain", "memetrain")
-    except OSError:
-        return "unknown"
-    return (commit or "unknown") + (" + uncommitted changes in memetrain/" if dirty.strip() else "")
 
 
 # 1. pack -------------------------------------------------------------------------------------
@@ -293,8 +258,7 @@ def bench_streams(shards: Path, shard_paths: list[Path], args: argparse.Namespac
 
 
 def row(name: str, rates: list[float], unit: str, ratio: str = "", target: str = "") -> str:
-    spread = f"{min(rates):.0f}–{max(rates):.0f}" if len(rates) > 1 else "–"
-    return f"| {name} | {statistics.median(rates):.0f} {unit} | {spread} | {ratio} | {target} |"
+    return f"| {name} | {median(rates):.0f} {unit} | {spread(rates)} | {ratio} | {target} |"
 
 
 def paired_ratio(ours: list[float], theirs: list[float]) -> float:
@@ -342,24 +306,9 @@ def build_table(args: argparse.Namespace, pack_rates, read_rates, runs, train_sa
     )
 
 
-def record(table: str, info: str) -> None:
-    if not RECORD.exists():
-        RECORD.write_text(
-            "# Benchmarks\n\nData pipeline figures appended by `benchmarks/data_pipeline.py` "
-            "(see `benchmarks/README.md`). Newest last.\n"
-        )
-    command = shlex.join([sys.executable, *sys.argv])
-    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    with RECORD.open("a", encoding="utf-8") as handle:
-        handle.write(
-            f"\n## Data pipeline, {stamp}\n\n- machine: {info}\n- code: {code_version()}\n"
-            f"- command: `{command}`\n\n{table}\n"
-        )
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    info = machine_info()
+    info = machine_info(webdataset=wds.__version__, Pillow=Image.__version__)
     print(f"machine: {info}", flush=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="memetrain-bench-") as tmp:
@@ -371,8 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         table = build_table(args, pack_rates, read_rates, runs, manifest.split(SPLIT).samples)
     print(f"\n{table}\n\n({time.perf_counter() - start:.0f} s in all)")
     if not args.quick or args.record:
-        record(table, info)
-        print(f"appended to {RECORD}")
+        record("Data pipeline", info, table)
 
 
 if __name__ == "__main__":
