@@ -136,7 +136,7 @@ class _SlotDataset(IterableDataset):
         self.decoder = SampleDecoder(stream.manifest.label_names, stream.view.decode_size)
         self.view, self.text_encoder = stream.view, stream.text_encoder
         self.epoch, self.skip = stream._shared_epoch, stream._shared_skip
-        self.released, self.ring_depth = stream._released, stream.ring_depth
+        self.released, self.mapped, self.ring_depth = stream._released, stream._mapped, stream.ring_depth
         self.shared: SharedBatches | None = None  # made in each worker process
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -147,7 +147,8 @@ class _SlotDataset(IterableDataset):
         # batches the next one is due from logical worker skip % workers, so rotate the ids.
         worker = ((info.id if info else 0) + skip) % workers
         if info is not None and self.shared is None:
-            self.shared = SharedBatches(self.released, info.id, self.ring_depth)
+            by_reference = not self.s.pin_memory  # the loader pins tensors, not references
+            self.shared = SharedBatches(self.released, self.mapped, info.id, self.ring_depth, by_reference)
         slot, slots = self.rank * workers + worker, self.world_size * workers
         delivered = len(range(worker, skip, workers))  # this worker's share of the batches already consumed
         if self.s.mode == "exact":
@@ -184,7 +185,8 @@ class _SlotDataset(IterableDataset):
     def _read(self, segments: list[Segment]) -> Iterator[tuple[str, dict[str, bytes], bool]]:
         for segment in segments:
             path, positions = self.shard_paths[segment.shard], self.shard_positions[segment.shard]
-            for key, members in _samples(path, positions[segment.start : segment.stop]):
+            verified = self.s.verify_checksums  # the stream checked every shard's sha256 when it was made
+            for key, members in _samples(path, positions[segment.start : segment.stop], verified=verified):
                 yield key, members, segment.pad
 
     def _shuffled(self, items: Iterator, rng: np.random.Generator) -> Iterator:
@@ -228,11 +230,13 @@ class _SlotDataset(IterableDataset):
             )
         batch: dict[str, Any] = {"id": keys, "text": texts, "bad_samples": dropped}
         if self.shared is not None:  # in a worker: the images go to the main process
-            batch[TICKET] = self.shared.start()
+            self.shared.start()
         if isinstance(views[0], list):
             batch["views"] = [_stack_channels_last(group, self.shared) for group in zip(*views)]
         else:
             batch["image"] = _stack_channels_last(views, self.shared)
+        if self.shared is not None:
+            self.shared.finish(batch)
         # small arrays stay numpy until the main process (see _small_tensors)
         batch["labels"] = np.asarray(labels, dtype=np.int64)
         batch["valid"] = np.asarray(valid, dtype=bool)
@@ -305,7 +309,8 @@ class MemeStream:
         self._shared_epoch = multiprocessing.Value("q", 0)
         self._shared_skip = multiprocessing.Value("q", 0)
         self._released = multiprocessing.RawArray("q", max(1, settings.num_workers))
-        self._returns = BatchReturns(self._released, self.ring_depth)
+        self._mapped = multiprocessing.RawArray("q", max(1, settings.num_workers) * self.ring_depth)
+        self._returns = BatchReturns(self._released, self._mapped, self.ring_depth)
         self._loader: DataLoader | None = None
 
     @property
@@ -419,11 +424,11 @@ def _positions_per_shard(sizes: list[int], subset: Sequence[int] | None) -> list
 
 
 def _samples(
-    path: Path, positions: Sequence[int], extensions: frozenset[str] | None = None
+    path: Path, positions: Sequence[int], extensions: frozenset[str] | None = None, verified: bool = False
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """:func:`read_samples`, with a corrupt or truncated shard as a :class:`StreamError`."""
     try:
-        yield from read_samples(path, positions, extensions)
+        yield from read_samples(path, positions, extensions, verified)
     except ShardFormatError as err:
         raise StreamError(str(err)) from None
 
