@@ -10,7 +10,8 @@ The pipeline, for one (rank, worker) "slot" and one epoch::
     decode    image (torchcodec, or PIL in JPEG draft mode for large JPEGs), text, labels; a bad
               sample is counted and dropped
     view      the view of each image, seeded from (seed, epoch, slot, position)
-    collate   uint8 images, token ids, labels, ``valid`` (False for padding in the last batch)
+    collate   uint8 images, token ids, labels, ``valid`` (False for padding in the last batch);
+              a worker writes the images into shared buffers it reuses (``shared_batches``)
 
 Everything random is a pure function of the seed, the epoch and a position, so a resumed stream
 replays the raw samples it already delivered (cheap: nothing is decoded) and continues with
