@@ -68,7 +68,7 @@ class SharedBatches:
         """An uninitialised tensor in shared memory for the current batch."""
         slot, nbytes = self._slots[self._slot_index], math.prod(shape) * dtype.itemsize
         index, self._used = self._used, self._used + 1
-        if self._reuse and index < len(slot) and slot[index].nbytes() == nbytes:
+        if self._reuse and index < len(slot) and slot[index].nbytes() >= nbytes:  # a smaller last batch fits
             storage = slot[index]
         else:
             # as torch's default_collate does in a worker: no copy when the batch is sent
@@ -77,7 +77,7 @@ class SharedBatches:
             if not self._fresh:
                 self._fresh = True
                 self._generations[self._slot_index] += 1
-        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # contiguous, from the start
 
     def finish(self, batch: dict[str, Any]) -> None:
         """Add the ticket; images in buffers the main process already maps go as references."""
