@@ -1,5 +1,6 @@
 # memetrain: `make demo` runs the main job on SynthMemes, `make test` the whole suite.
-# Both create (or update) the virtual environment in .venv first.
+# Both create (or update) the virtual environment in .venv first. `make bench` runs the CPU
+# benchmarks and appends their tables to BENCHMARKS.md (benchmarks/README.md).
 
 PYTHON ?= python3
 VENV := .venv
@@ -32,6 +33,8 @@ lint: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/collector.py
 
 clean:

@@ -31,7 +31,7 @@ import matplotlib
 import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
-from report import RECORD, ROOT, machine_info, record
+from report import ROOT, machine_info, record
 
 from memetrain.cli import CONFIG_DIR
 from memetrain.eval.protocols import Outputs, score_splits
@@ -202,7 +202,7 @@ def target(times: tuple[list[float], list[float]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    info = machine_info(f"numpy {np.__version__}, matplotlib {matplotlib.__version__}")
+    info = machine_info(numpy=np.__version__, matplotlib=matplotlib.__version__)
     print(f"machine: {info}", flush=True)
     groups = -(-args.runs // args.seeds)
     with tempfile.TemporaryDirectory(prefix="memetrain-bench-") as tmp:
@@ -253,8 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"\n{table}\n")
     if not args.quick or args.record:
-        record("Collector", table, info)
-        print(f"appended to {RECORD}")
+        record("Collector", info, table)
 
 
 if __name__ == "__main__":

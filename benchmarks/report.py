@@ -1,6 +1,4 @@
-"""What every benchmark script records with its table (machine, code revision, command line) and
-the appending of that record to BENCHMARKS.md. Scripts import it as ``report`` (their own folder
-is first on sys.path when run as ``python benchmarks/<script>.py``)."""
+"""What every benchmark prints and records: the machine, the code, median and spread, BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -8,16 +6,20 @@ import datetime
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = ROOT / "BENCHMARKS.md"
 
 
-def machine_info(versions: str) -> str:
-    """CPU model, cores, Python, the given package versions and the load at the start."""
+def machine_info(**versions: str) -> str:
+    """CPU, cores, Python, torch and ``versions`` (name: version), and the load average now:
+    the machines are shared, so a figure taken under load says so beside it."""
     cpu = platform.processor() or "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -27,9 +29,12 @@ def machine_info(versions: str) -> str:
     except OSError:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    packages = "".join(
+        f", {name} {version}" for name, version in {"torch": torch.__version__, **versions}.items()
+    )
     return (
-        f"{cpu}, {os.cpu_count()} cores ({usable} usable); Python {platform.python_version()}, "
-        f"{versions}; load average {os.getloadavg()[0]:.2f} at the start"
+        f"{cpu}, {os.cpu_count()} cores ({usable} usable); Python {platform.python_version()}{packages}; "
+        f"load average {os.getloadavg()[0]:.2f} at the start"
     )
 
 
@@ -46,8 +51,17 @@ def code_version() -> str:
     return (commit or "unknown") + (" + uncommitted changes in memetrain/" if dirty.strip() else "")
 
 
-def record(title: str, table: str, info: str) -> None:
-    """Append ``## <title>, <date>`` with the machine, the code, the command and the table."""
+def spread(values: list[float], digits: int = 0) -> str:
+    """``min–max`` of several runs, ``–`` for one."""
+    return f"{min(values):.{digits}f}–{max(values):.{digits}f}" if len(values) > 1 else "–"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def record(title: str, info: str, table: str) -> None:
+    """Append ``table`` under ``## <title>, <date>`` with the machine, the code and the command."""
     if not RECORD.exists():
         RECORD.write_text(
             "# Benchmarks\n\nFigures appended by the scripts in `benchmarks/` (see `benchmarks/README.md`). "
@@ -60,3 +74,4 @@ def record(title: str, table: str, info: str) -> None:
             f"\n## {title}, {stamp}\n\n- machine: {info}\n- code: {code_version()}\n"
             f"- command: `{command}`\n\n{table}\n"
         )
+    print(f"appended to {RECORD}")

@@ -7,9 +7,11 @@ The pipeline, for one (rank, worker) "slot" and one epoch::
     read      the slot's run of tar members, grouped into samples (no decoding, no pickle)
     shuffle   a buffer of ``shuffle_buffer`` raw samples, seeded from (seed, epoch, slot)
     batch     ``batch_size`` raw samples at a time
-    decode    image (PIL, JPEG draft mode), text, labels; a bad sample is counted and dropped
+    decode    image (torchcodec, or PIL in JPEG draft mode for large JPEGs), text, labels; a bad
+              sample is counted and dropped
     view      the view of each image, seeded from (seed, epoch, slot, position)
-    collate   uint8 images, token ids, labels, ``valid`` (False for padding in the last batch)
+    collate   uint8 images, token ids, labels, ``valid`` (False for padding in the last batch);
+              a worker writes the images into shared buffers it reuses (``shared_batches``)
 
 Everything random is a pure function of the seed, the epoch and a position, so a resumed stream
 replays the raw samples it already delivered (cheap: nothing is decoded) and continues with
@@ -18,47 +20,35 @@ exactly the batches an uninterrupted stream would have produced.
 
 from __future__ import annotations
 
+import gc
 import hashlib
-import io
 import json
 import logging
 import math
 import multiprocessing
-import tarfile
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
-from memetrain.data.images import MAX_PIXELS
+from memetrain.data.decode import BadSample, SampleDecoder
 from memetrain.data.manifest import Manifest
+from memetrain.data.shard_reader import ShardFormatError, read_samples
+from memetrain.data.shared_batches import TICKET, BatchReturns, SharedBatches
 from memetrain.data.tokenizer import TextEncoder
 from memetrain.errors import ConfigError, MemetrainError
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-DATA_EXTENSIONS = IMAGE_EXTENSIONS + ("txt", "json", "cls")
-"""Members read; any other extension (pickle, pyd, npy ...) is ignored and never decoded."""
-MAX_MEMBER_BYTES = 64 << 20
 
 
 class StreamError(MemetrainError):
     """The stream cannot go on: a corrupt shard, too many bad samples, or an impossible plan."""
-
-
-class BadSample(ValueError):
-    def __init__(self, key: str, reason: str):
-        super().__init__(f"sample {key!r}: {reason}")
-        self.key, self.reason = key, reason
 
 
 @dataclass(frozen=True)
@@ -137,127 +127,6 @@ def resampled_plan(
     return batches, segments
 
 
-def read_samples(
-    path: Path, positions: Sequence[int], extensions: frozenset[str] | None = None
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The samples at ``positions`` (ascending) of a WebDataset tar as (key, {extension: bytes}).
-
-    Members of other samples, and members whose extension is not in ``extensions`` (when given),
-    are skipped by seeking past them: only their headers are read. Nothing is extracted to disk
-    and nothing is decoded here.
-    """
-    if not len(positions):
-        return
-    wanted = iter(positions)
-    target, stop = next(wanted), positions[-1] + 1
-    index, key, members = -1, None, {}
-    try:
-        with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-            for info in tar:
-                tar.members = []  # keep memory flat on large shards
-                if not info.isfile():
-                    continue
-                member_key, extension = base_plus_ext(info.name)
-                if member_key is None:
-                    member_key, extension = info.name, ""
-                if member_key != key:
-                    if index == target:
-                        yield key, members
-                        target = next(wanted, stop)
-                    index, key, members = index + 1, member_key, {}
-                    if index >= stop:
-                        return
-                if index == target and (extensions is None or extension in extensions):
-                    members[extension] = _read_member(tar, info)
-            handle.seek(tar.offset)  # tarfile ends quietly where the file does: look for the end marker
-            if handle.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
-                raise EOFError("the file ends before the tar's end-of-archive marker")
-            if index == target:
-                yield key, members
-                target = next(wanted, stop)
-        if target < stop:
-            raise StreamError(
-                f"shard {path} holds {index + 1} samples, fewer than its manifest lists (sample {target} was "
-                "wanted): its members were renamed or reordered (two samples with one key in a row merge "
-                "into one); re-pack it"
-            )
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise StreamError(
-            f"shard {path} is corrupt or truncated near sample {index + 1} ({type(err).__name__}: {err}); "
-            "re-pack it or remove it from the manifest"
-        ) from None
-
-
-def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
-    if info.size > MAX_MEMBER_BYTES:
-        return b""  # decode() reports the sample; the payload is never held in memory
-    return tar.extractfile(info).read()
-
-
-class SampleDecoder:
-    """Raw tar members to (image tensor, text, labels); anything off raises :class:`BadSample`."""
-
-    def __init__(self, label_names: list[str], main_label: str, decode_size: int | None):
-        self.label_names, self.main_label, self.decode_size = label_names, main_label, decode_size
-        self._warned: set[str] = set()
-
-    def __call__(self, key: str, members: dict[str, bytes]) -> tuple[torch.Tensor, str, list[int]]:
-        path = PurePosixPath(key)
-        if path.is_absolute() or ".." in path.parts:
-            raise BadSample(key, "member path is absolute or climbs out of the shard with '..'; refused")
-        for extension in members:
-            if extension not in DATA_EXTENSIONS and extension not in self._warned:
-                self._warned.add(extension)
-                log.warning(
-                    "shard member %s.%s: extension %r is never decoded (ignored)", key, extension, extension
-                )
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-        if image_ext is None:
-            raise BadSample(key, f"no image member (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-        if "txt" not in members:
-            raise BadSample(key, "no txt member")
-        try:
-            text = members["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadSample(key, "txt member is not valid UTF-8") from None
-        if not text.strip():
-            raise BadSample(key, "txt member is empty (a meme needs its text, as the pack requires)")
-        return self._image(key, members[image_ext]), text, self._labels(key, members)
-
-    def _image(self, key: str, data: bytes) -> torch.Tensor:
-        if not data:
-            raise BadSample(key, f"image member is empty or over {MAX_MEMBER_BYTES >> 20} MiB")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                if image.width * image.height > MAX_PIXELS:
-                    raise BadSample(
-                        key, f"image is {image.width}x{image.height}, over the {MAX_PIXELS:,} pixel limit"
-                    )
-                if self.decode_size and image.format == "JPEG":
-                    image.draft("RGB", (self.decode_size, self.decode_size))
-                array = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # [H, W, 3], owned
-        except BadSample:
-            raise
-        except Exception as err:  # PIL raises many types for corrupt data
-            raise BadSample(key, f"image cannot be decoded ({type(err).__name__}: {err})") from None
-        return torch.from_numpy(array).permute(2, 0, 1)  # [3, H, W] view of the HWC array
-
-    def _labels(self, key: str, members: dict[str, bytes]) -> list[int]:
-        """All label values in ``label_names`` order; -1 where unlabeled."""
-        if "json" not in members:
-            raise BadSample(key, "no json member (it holds the labels)")
-        try:
-            labels = json.loads(members["json"]).get("labels", {})
-            values = [labels.get(name, -1) for name in self.label_names]
-        except (ValueError, AttributeError) as err:
-            raise BadSample(key, f"json member is not a valid object ({err})") from None
-        if any(value not in (-1, 0, 1) or isinstance(value, bool) for value in values):
-            raise BadSample(key, f"labels {labels} are not all 0 or 1")
-        return values
-
-
 class _SlotDataset(IterableDataset):
     """The per-(rank, worker) pipeline; the main process drives it through :class:`MemeStream`."""
 
@@ -266,12 +135,11 @@ class _SlotDataset(IterableDataset):
         self.shard_sizes = stream.shard_sizes
         self.s = stream.settings
         self.rank, self.world_size = stream.rank, stream.world_size
-        self.decoder = SampleDecoder(
-            stream.manifest.label_names, stream.manifest.main_label, stream.view.decode_size
-        )
+        self.decoder = SampleDecoder(stream.manifest.label_names, stream.view.decode_size)
         self.view, self.text_encoder = stream.view, stream.text_encoder
-        self.main_index = stream.manifest.label_names.index(stream.manifest.main_label)
         self.epoch, self.skip = stream._shared_epoch, stream._shared_skip
+        self.released, self.mapped, self.ring_depth = stream._released, stream._mapped, stream.ring_depth
+        self.shared: SharedBatches | None = None  # made in each worker process
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         try:
@@ -288,6 +156,12 @@ class _SlotDataset(IterableDataset):
         # The loader takes batch t from worker t % workers, starting at worker 0; after ``skip``
         # batches the next one is due from logical worker skip % workers, so rotate the ids.
         worker = ((info.id if info else 0) + skip) % workers
+        if info is not None and self.shared is None:  # the first epoch in this worker process
+            # What the worker inherited (torch, the dataset: ~340k objects) lives as long as it does;
+            # frozen, full garbage collections stop scanning it (they took a tenth of a worker's time).
+            gc.freeze()
+            by_reference = not self.s.pin_memory  # the loader pins tensors, not references
+            self.shared = SharedBatches(self.released, self.mapped, info.id, self.ring_depth, by_reference)
         slot, slots = self.rank * workers + worker, self.world_size * workers
         delivered = len(range(worker, skip, workers))  # this worker's share of the batches already consumed
         if self.s.mode == "exact":
@@ -324,7 +198,8 @@ class _SlotDataset(IterableDataset):
     def _read(self, segments: list[Segment]) -> Iterator[tuple[str, dict[str, bytes], bool]]:
         for segment in segments:
             path, positions = self.shard_paths[segment.shard], self.shard_positions[segment.shard]
-            for key, members in read_samples(path, positions[segment.start : segment.stop]):
+            verified = self.s.verify_checksums  # the stream checked every shard's sha256 when it was made
+            for key, members in _samples(path, positions[segment.start : segment.stop], verified=verified):
                 yield key, members, segment.pad
 
     def _shuffled(self, items: Iterator, rng: np.random.Generator) -> Iterator:
@@ -351,7 +226,12 @@ class _SlotDataset(IterableDataset):
                 log.warning("skipping bad %s", bad)
                 dropped += 1
                 continue
-            rng = np.random.default_rng([self.s.seed, epoch, slot, position + offset])
+            # seeding a generator costs a third of a JPEG decode: only views that draw get one
+            rng = (
+                np.random.default_rng([self.s.seed, epoch, slot, position + offset])
+                if self.view.random
+                else None
+            )
             keys.append(key)
             views.append(self.view(image, rng))
             texts.append(text)
@@ -362,16 +242,19 @@ class _SlotDataset(IterableDataset):
                 f"every sample of a batch was bad (first: {chunk[0][0]!r}); the shards need fixing"
             )
         batch: dict[str, Any] = {"id": keys, "text": texts, "bad_samples": dropped}
+        if self.shared is not None:  # in a worker: the images go to the main process
+            self.shared.start()
         if isinstance(views[0], list):
-            batch["views"] = [_stack_channels_last(group) for group in zip(*views)]
+            batch["views"] = [_stack_channels_last(group, self.shared) for group in zip(*views)]
         else:
-            batch["image"] = _stack_channels_last(views)
-        batch["labels"] = torch.tensor(labels, dtype=torch.long)
-        batch["label"] = batch["labels"][:, self.main_index]
-        batch["valid"] = torch.tensor(valid, dtype=torch.bool)
+            batch["image"] = _stack_channels_last(views, self.shared)
+        if self.shared is not None:
+            self.shared.finish(batch)
+        # small arrays stay numpy until the main process (see _small_tensors)
+        batch["labels"] = np.asarray(labels, dtype=np.int64)
+        batch["valid"] = np.asarray(valid, dtype=bool)
         if self.text_encoder is not None:
-            ids, mask = self.text_encoder(texts)
-            batch["input_ids"], batch["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+            batch["input_ids"], batch["attention_mask"] = self.text_encoder(texts)
         return batch, dropped
 
 
@@ -435,9 +318,20 @@ class MemeStream:
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
         self.world_size = world_size or (torch.distributed.get_world_size() if distributed else 1)
         self.epoch, self.batches_done, self.bad_samples = 0, 0, 0
+        self.main_index = self.manifest.label_names.index(self.manifest.main_label)
         self._shared_epoch = multiprocessing.Value("q", 0)
         self._shared_skip = multiprocessing.Value("q", 0)
+        self._released = multiprocessing.RawArray("q", max(1, settings.num_workers))
+        self._mapped = multiprocessing.RawArray("q", max(1, settings.num_workers) * self.ring_depth)
+        self._returns = BatchReturns(self._released, self._mapped, self.ring_depth)
         self._loader: DataLoader | None = None
+
+    @property
+    def ring_depth(self) -> int:
+        """Shared image buffers per worker: the batches a worker may have in flight (prefetched),
+        plus those the consumer may still hold while asking for the next (the current one, and one
+        being logged or moved)."""
+        return self.settings.prefetch_factor + 3
 
     @property
     def slots(self) -> int:
@@ -454,13 +348,27 @@ class MemeStream:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._shared_epoch.value, self._shared_skip.value = self.epoch, self.batches_done
+        self._returns.collect()  # before the workers start prefetching: last epoch's batches are done
         for batch in self._dataloader():
             if "error" in batch:
                 raise batch["error"]
             self.batches_done += 1
             self.bad_samples += batch.pop("bad_samples")
-            yield batch
+            if TICKET in batch:
+                batch = self._returns.receive(batch)
+            yield self._small_tensors(batch)
+            self._returns.collect()  # the consumer is back: the batches it dropped free their slots
         self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def _small_tensors(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Labels, ``valid`` and token ids as tensors. A worker sends them as numpy arrays, inside
+        the pickled batch: as tensors each would cross in its own shared-memory segment, at the
+        cost of a file-descriptor handshake (a socket connection) apiece."""
+        for name in ("labels", "valid", "input_ids", "attention_mask"):
+            if name in batch:
+                batch[name] = torch.from_numpy(batch[name])
+        batch["label"] = batch["labels"][:, self.main_index]
+        return batch
 
     def _dataloader(self) -> DataLoader:
         if self._loader is None:
@@ -473,6 +381,7 @@ class MemeStream:
                 pin_memory=s.pin_memory,
                 persistent_workers=workers,
                 prefetch_factor=s.prefetch_factor if workers else None,
+                collate_fn=_as_sent,
                 # its own generator: creating an iterator must not draw from the global torch RNG,
                 # or a resumed run's dropout would differ from an uninterrupted one's
                 generator=torch.Generator().manual_seed(s.seed),
@@ -513,6 +422,11 @@ class MemeStream:
         )
 
 
+def _as_sent(batch: dict[str, Any]) -> dict[str, Any]:
+    """The loader's collate function: batches are made by the slot dataset, numpy arrays kept."""
+    return batch
+
+
 def _positions_per_shard(sizes: list[int], subset: Sequence[int] | None) -> list[Sequence[int]]:
     """Per shard, the sample positions streamed: all of them, or those whose split-wide index
     (shards in manifest order) is in ``subset``."""
@@ -525,6 +439,16 @@ def _positions_per_shard(sizes: list[int], subset: Sequence[int] | None) -> list
     return [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+def _samples(
+    path: Path, positions: Sequence[int], extensions: frozenset[str] | None = None, verified: bool = False
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """:func:`read_samples`, with a corrupt or truncated shard as a :class:`StreamError`."""
+    try:
+        yield from read_samples(path, positions, extensions, verified)
+    except ShardFormatError as err:
+        raise StreamError(str(err)) from None
+
+
 def split_labels(shards: str | Path, split: str) -> np.ndarray:
     """Labels ``[N, K]`` (-1 unlabeled) of a split, in manifest order, read without any image.
 
@@ -534,7 +458,7 @@ def split_labels(shards: str | Path, split: str) -> np.ndarray:
     rows = []
     for shard in manifest.split(split).shards:
         path = manifest.shard_path(shard)
-        for key, members in read_samples(path, range(shard.samples), frozenset({"json"})):
+        for key, members in _samples(path, range(shard.samples), frozenset({"json"})):
             try:
                 labels = json.loads(members["json"])["labels"]
             except (KeyError, ValueError, TypeError) as err:
@@ -545,7 +469,11 @@ def split_labels(shards: str | Path, split: str) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64).reshape(len(rows), len(manifest.label_names))
 
 
-def _stack_channels_last(images: Sequence[torch.Tensor]) -> torch.Tensor:
+def _stack_channels_last(images: Sequence[torch.Tensor], shared: SharedBatches | None) -> torch.Tensor:
     """``[B, 3, H, W]`` in channels-last memory: the images are HWC views, and stacking them in
-    their own layout is a plain copy (10x faster than gathering them into CHW order)."""
-    return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    their own layout is a plain copy (10x faster than gathering them into CHW order). In a
+    worker the stack is written straight into the shared buffer that carries it to the main process.
+    """
+    channels, height, width = images[0].shape
+    out = None if shared is None else shared.empty((len(images), height, width, channels), images[0].dtype)
+    return torch.stack([image.permute(1, 2, 0) for image in images], out=out).permute(0, 3, 1, 2)

@@ -1,9 +1,11 @@
 """Views: what a method sees of one meme image.
 
 A view maps a decoded ``uint8`` image tensor ``[3, H, W]`` and a per-sample ``numpy`` generator to
-one ``uint8`` tensor or a list of them (multi-view methods). Random parameters come only from that
-generator, which the stream seeds from (seed, epoch, slot, position): augmentations are identical
-across worker counts, restarts and resumes, and never touch the global RNGs. Batches stay ``uint8``
+one ``uint8`` tensor or a list of them (multi-view methods). It also says the size it decodes for
+(``decode_size``: large JPEGs are decoded at a reduced scale) and whether it draws from the
+generator (``random``; if not, it gets ``None``). Random parameters come only from that generator,
+which the stream seeds from (seed, epoch, slot, position): augmentations are identical across
+worker counts, restarts and resumes, and never touch the global RNGs. Batches stay ``uint8``
 until the device, where :class:`memetrain.models.ImageNormalizer` turns them into floats (4x less
 to copy and pin).
 
@@ -66,16 +68,20 @@ def color_jitter(
 class Resize:
     """The whole meme squashed to ``size`` x ``size`` (evaluation and supervised training)."""
 
+    random = False
+
     def __init__(self, size: int):
         self.size = size
         self.decode_size = size
 
-    def __call__(self, image: Image, rng: np.random.Generator) -> Image:
+    def __call__(self, image: Image, rng: np.random.Generator | None = None) -> Image:
         return F.resize(image, [self.size, self.size], antialias=True)
 
 
 class AssignmentAugment:
     """The course-assignment augmentation: rotation within +-``degrees``, colour jitter, resize."""
+
+    random = True
 
     def __init__(
         self,
@@ -98,6 +104,8 @@ class AssignmentAugment:
 
 class _RandomCrops:
     """Random resized crops with colour jitter and grayscale, as in SimCLR/DINO, without the flip."""
+
+    random = True
 
     def __init__(self, jitter_p: float, grayscale_p: float, jitter: tuple[float, float, float, float]):
         self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
