@@ -6,10 +6,10 @@
 
 The encoder is built as the framework builds ``model.image`` for ``model=backbone_vit_b16``
 (``configs/model/image/vit_b16.yaml`` through Hydra: timm ``vit_base_patch16_224``, random init,
-nothing downloaded), and checkpointing is turned on with timm's ``set_grad_checkpointing(True)``
-on the encoder's timm model. Each variant runs in a fresh Python process: uint8 images through the
-encoder's normaliser, a mean-square loss on the pooled features, backward, AdamW step, ``--steps``
-times (the first allocates the optimizer state). Memory is read from the process's resident set
+nothing downloaded), and checkpointing is turned on as ``trainer.gradient_checkpointing=true`` does
+it (:func:`memetrain.models.memory.enable_gradient_checkpointing`). Each variant runs in a fresh
+Python process: uint8 images through the encoder's normaliser, a mean-square loss on the pooled
+features, backward, AdamW step, ``--steps`` times (the first allocates the optimizer state). Memory is read from the process's resident set
 (``ru_maxrss`` for the peak), which sees torch's CPU allocations (tracemalloc does not); glibc is
 told to map every allocation over 64 KiB on its own (``MALLOC_MMAP_THRESHOLD_``), so a freed tensor
 leaves the resident set at once and the peak is the peak of live memory, not of a fragmented heap.
@@ -64,6 +64,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
 
     from memetrain.engine.optim import build_adamw, decay_groups
     from memetrain.models import build_image_encoder
+    from memetrain.models.memory import enable_gradient_checkpointing
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -72,7 +73,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
         cfg = compose("train", overrides=["model=backbone_vit_b16", f"data.image_size={args.image_size}"])
     encoder = build_image_encoder(**OmegaConf.to_container(cfg.model.image, resolve=True))
     if args.variant == "checkpointed":
-        encoder.model.set_grad_checkpointing(True)  # what model.image.grad_checkpointing=true does
+        enable_gradient_checkpointing(encoder)  # what trainer.gradient_checkpointing=true does
     encoder.train()
     optimizer = build_adamw(decay_groups(encoder, 0.05), 1e-4, (0.9, 0.999), 1e-8, torch.device("cpu"))
     shape = (args.batch_size, 3, args.image_size, args.image_size)
