@@ -42,7 +42,7 @@ class StopSignals:
         self._previous = {}
 
     def _record(self, signum: int, frame) -> None:
-        self.received = signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum).name  # the first one: what stopped it
 
     def agreed(self, accelerator: Accelerator) -> str | None:
         """The signal's name on every rank if any rank received one, else None."""

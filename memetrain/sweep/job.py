@@ -46,20 +46,23 @@ class SweepJob(Checkpointable):
         max_requeues: int = 0,
         stop_timeout_s: float = 60.0,
         log: Path | None = None,
+        own_session: bool = False,
     ):
         """``log``: where the training processes write (appended); None: this process's stdout
-        and stderr (submitit's log files under Slurm)."""
-        self.spec, self.sweep_dir, self.log = spec, Path(sweep_dir), log
+        and stderr (submitit's log files under Slurm). ``own_session``: start them in their own
+        session, so a Ctrl-C in the terminal reaches only the sweep, which stops them cleanly."""
+        self.spec, self.sweep_dir, self.log, self.own_session = spec, Path(sweep_dir), log, own_session
         self.max_requeues, self.stop_timeout_s = max_requeues, stop_timeout_s
         self.requeues = 0
         self._child: subprocess.Popen | None = None
+        self._stopping = False
 
     @property
     def directory(self) -> Path:
         return self.sweep_dir / self.spec.name
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_child": None}  # a process handle is not part of the job
+        return {**self.__dict__, "_child": None, "_stopping": False}  # process state is not part of the job
 
     def __call__(self) -> str:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **_distributed_env()}
@@ -67,6 +70,8 @@ class SweepJob(Checkpointable):
             run_dir = (self.directory / relative).resolve()
             if (run_dir / "results.json").is_file():
                 continue
+            if self._stopping:
+                raise JobFailed(f"{run_dir}: not started, the sweep was interrupted; re-run it to resume")
             args = fill_weights(overrides, self._weights(overrides))
             code = self._train([*args, f"hydra.run.dir={run_dir}"], env)
             if code == STOPPED_EXIT_CODE and "SUBMITIT_FOLDER" in os.environ:
@@ -93,6 +98,12 @@ class SweepJob(Checkpointable):
         self.requeues += 1
         return super().checkpoint(*args, **kwargs)
 
+    def stop(self) -> None:
+        """Ask the running training to checkpoint and exit (it resumes when the job runs again)."""
+        self._stopping = True
+        if self._child is not None:
+            self._child.send_signal(signal.SIGTERM)
+
     def _train(self, args: list[str], env: dict[str, str]) -> int:
         command = [sys.executable, str(TRAIN_SCRIPT), *args]
         if self.log is not None:
@@ -102,8 +113,14 @@ class SweepJob(Checkpointable):
                 out.write(f"\n$ {' '.join(command)}\n".encode())
                 out.flush()
             self._child = subprocess.Popen(
-                command, env=env, stdout=out, stderr=subprocess.STDOUT if out is not None else None
+                command,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out is not None else None,
+                start_new_session=self.own_session,
             )
+            if self._stopping:  # stop() came while this process started
+                self._child.send_signal(signal.SIGTERM)
             try:
                 while (code := self._child.poll()) is None:
                     time.sleep(0.5)  # polling, not wait(): checkpoint() may run in between, from a signal

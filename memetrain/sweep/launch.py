@@ -10,8 +10,9 @@ Jobs with ``results.json`` are skipped, so re-running the command finishes a swe
 
 from __future__ import annotations
 
-import json
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -22,7 +23,7 @@ from memetrain.sweep import record
 from memetrain.sweep.grid import JobSpec, expand
 from memetrain.sweep.launchers import build_launcher
 from memetrain.sweep.monitor import wait
-from memetrain.sweep.record import DONE, FAILED, JobState
+from memetrain.sweep.record import DONE, FAILED, PENDING, JobState
 
 
 class SweepFailed(MemetrainError):
@@ -40,18 +41,20 @@ def run_sweep(cfg: DictConfig) -> None:
     jobs = expand(sweep, cfg.seeds, data, list(cfg.overrides))
     sweep_dir = Path(cfg.root, cfg.name).resolve()
     launcher = build_launcher(cfg.launcher, sweep_dir, cfg.name)
-    previous = _previous_states(sweep_dir)
+    previous = record.load(sweep_dir)
+    record.check_unchanged(sweep_dir, previous, jobs)
     states = {
-        job.name: JobState(DONE)
-        if (sweep_dir / job.name / "results.json").is_file()
-        else previous.get(job.name, JobState())
+        job.name: JobState(DONE if (sweep_dir / job.name / "results.json").is_file() else PENDING)
         for job in jobs
     }
     if cfg.dry_run:
         _print_plan(cfg.name, sweep_dir, launcher, jobs, states)
         return
 
-    record.check_unchanged(sweep_dir, jobs)
+    done = sum(states[job.name].status == DONE for job in jobs)
+    print(
+        f"sweep {cfg.name}: {len(jobs)} jobs, {done} with results (skipped), {len(jobs) - done} to run, in {sweep_dir}"
+    )
     header = {
         "sweep": cfg.name,
         "config": sweep["name"],
@@ -80,7 +83,15 @@ def run_sweep(cfg: DictConfig) -> None:
             states[handle.name] = handle.poll()
         save()
         title = f"{cfg.name}" + (f" stage {stage + 1}/{len(stages)}" if len(stages) > 1 else "")
-        wait(handles, states, launcher.poll_seconds, launcher.refresh, save, title)
+        try:
+            with _interrupt_on_sigterm():
+                wait(handles, states, launcher.poll_seconds, launcher.refresh, save, title)
+        except KeyboardInterrupt:
+            reason = launcher.interrupt()
+            for handle in handles:
+                states[handle.name] = handle.poll()
+            save()
+            raise SweepFailed(f"sweep {cfg.name} interrupted: {reason}") from None
     save()
     _report(cfg.name, sweep_dir, jobs, states, time.monotonic() - start)
     if cfg.collect:
@@ -95,21 +106,25 @@ def run_sweep(cfg: DictConfig) -> None:
         )
 
 
-def _previous_states(sweep_dir: Path) -> dict[str, JobState]:
-    path = sweep_dir / record.FILENAME
-    if not path.is_file():
-        return {}
-    entries = json.loads(path.read_text())["jobs"]
-    return {
-        e["name"]: JobState(e["status"], e.get("log"), e.get("error"), e.get("slurm_job_id")) for e in entries
-    }
+@contextmanager
+def _interrupt_on_sigterm():
+    """SIGTERM (kill, a scheduler) interrupts the wait like Ctrl-C, so the sweep can stop cleanly."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def _attach(launcher, job: JobSpec, previous: JobState | None):
+def _attach(launcher, job: JobSpec, previous: dict | None):
     """A job an earlier invocation submitted and Slurm still runs is waited for, not submitted twice."""
-    if previous is None or previous.slurm_job_id is None or previous.status in (DONE, FAILED):
+    if previous is None or previous.get("slurm_job_id") is None or previous["status"] in (DONE, FAILED):
         return None
-    return launcher.attach(previous.slurm_job_id, job)
+    return launcher.attach(previous["slurm_job_id"], job)
 
 
 def _print_plan(

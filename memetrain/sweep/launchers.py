@@ -41,17 +41,31 @@ class LocalLauncher:
     def __init__(self, cfg: DictConfig, sweep_dir: Path):
         self.cfg, self.sweep_dir = cfg, sweep_dir
         self.poll_seconds = cfg.poll_seconds
+        self._handles: list[LocalHandle] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
     def parameters(self) -> dict[str, Any]:
         return {"where": "this machine, one job at a time"}
 
     def job(self, spec) -> SweepJob:
-        return SweepJob(spec, self.sweep_dir, log=self.sweep_dir / spec.name / "job.log")
+        return SweepJob(spec, self.sweep_dir, log=self.sweep_dir / spec.name / "job.log", own_session=True)
 
     def submit(self, jobs: list[SweepJob]) -> list[LocalHandle]:
-        handles = [LocalHandle(job) for job in jobs]
-        threading.Thread(target=self._run, args=(handles,), name="sweep-local", daemon=True).start()
+        self._handles = handles = [LocalHandle(job) for job in jobs]
+        self._thread = threading.Thread(target=self._run, args=(handles,), name="sweep-local", daemon=True)
+        self._thread.start()
         return handles
+
+    def interrupt(self) -> str:
+        """The sweep was interrupted: the running training checkpoints and stops, nothing else starts."""
+        self._stopping = True
+        for handle in self._handles:
+            if handle.state.status == RUNNING:
+                handle.job.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=120)
+        return "the running training saved a checkpoint; the same command resumes the sweep"
 
     def attach(self, slurm_job_id: str, spec) -> None:
         return None  # a local job does not outlive the sweep that ran it
@@ -59,9 +73,10 @@ class LocalLauncher:
     def refresh(self) -> None:
         pass
 
-    @staticmethod
-    def _run(handles: list[LocalHandle]) -> None:
+    def _run(self, handles: list[LocalHandle]) -> None:
         for handle in handles:
+            if self._stopping:
+                break
             handle.state = JobState(RUNNING, log=handle.state.log)
             try:
                 handle.job()
@@ -153,6 +168,9 @@ class SlurmLauncher:
 
     def refresh(self) -> None:
         submitit.SlurmJob.watcher.update()  # one sacct call for every job of the sweep
+
+    def interrupt(self) -> str:
+        return "the submitted jobs keep running; the same command waits for them again (and collects)"
 
 
 def build_launcher(cfg: DictConfig, sweep_dir: Path, name: str) -> LocalLauncher | SlurmLauncher:

@@ -50,18 +50,22 @@ def write(sweep_dir: Path, header: dict[str, Any], jobs: list[JobSpec], states: 
     atomic_write_json(sweep_dir / FILENAME, {**header, "jobs": entries})
 
 
-def check_unchanged(sweep_dir: Path, jobs: list[JobSpec]) -> None:
-    """A job that already has a run directory must keep its overrides: its results (and a resumed
-    training) came from them."""
+def load(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """The jobs of an earlier invocation's ``sweep.json`` by name (none if there is no record)."""
     path = sweep_dir / FILENAME
     if not path.is_file():
-        return
+        return {}
     try:
-        previous = {entry["name"]: entry for entry in json.loads(path.read_text())["jobs"]}
+        return {entry["name"]: entry for entry in json.loads(path.read_text())["jobs"]}
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ConfigError(
             f"{path} is not a sweep record ({err}); move it away to start the sweep over"
         ) from None
+
+
+def check_unchanged(sweep_dir: Path, previous: dict[str, dict[str, Any]], jobs: list[JobSpec]) -> None:
+    """A job that already has a run directory must keep its overrides: its results (and a resumed
+    training) came from them."""
     for spec in jobs:
         old = previous.get(spec.name)
         if old is None or not (sweep_dir / spec.name).is_dir():
