@@ -15,7 +15,7 @@ from memetrain.errors import ConfigError
 from memetrain.sweep.grid import AFTER, PRETRAIN, expand, fill_weights, merge_overrides
 from memetrain.sweep.job import JobFailed, latest_weights
 from memetrain.sweep.monitor import last_output
-from memetrain.sweep.record import JobState, check_unchanged, write
+from memetrain.sweep.record import JobState, check_unchanged, load, write
 
 SWEEPS = sorted(path.stem for path in (Path(CONFIG_DIR) / "sweep").glob("*.yaml"))
 
@@ -136,11 +136,16 @@ def test_latest_weights_is_the_numerically_newest_complete_checkpoint(tmp_path):
 def test_a_job_directory_cannot_change_its_overrides(tmp_path):
     jobs = expand(GRID)
     write(tmp_path, {"sweep": "g"}, jobs, {job.name: JobState() for job in jobs})
-    check_unchanged(tmp_path, expand(GRID))  # nothing has run: no directory, nothing to protect
+    previous = load(tmp_path)
+    assert previous["semi-384px-seed1"]["after"] == "clip-384px-seed1"
+    check_unchanged(tmp_path, previous, expand(GRID))  # nothing has run: no directory, nothing to protect
     (tmp_path / "clip-224px-seed0").mkdir()
-    check_unchanged(tmp_path, expand(GRID, seeds=[0, 1, 2]))  # new jobs are fine
+    check_unchanged(tmp_path, previous, expand(GRID, seeds=[0, 1, 2]))  # new jobs are fine
     with pytest.raises(ConfigError, match="clip-224px-seed0 was run with overrides="):
-        check_unchanged(tmp_path, expand(GRID, data="synth"))
+        check_unchanged(tmp_path, previous, expand(GRID, data="synth"))
+    (tmp_path / "sweep.json").write_text("{")
+    with pytest.raises(ConfigError, match="sweep.json is not a sweep record"):
+        load(tmp_path)
 
 
 def test_last_output_is_the_newest_progress_fragment(tmp_path):
