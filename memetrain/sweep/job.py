@@ -26,6 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import submitit
+from submitit.core.utils import JobPaths
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
 
 from memetrain.errors import STOPPED_EXIT_CODE, MemetrainError
@@ -75,7 +76,7 @@ class SweepJob(Checkpointable):
             args = fill_weights(overrides, self._weights(overrides))
             code = self._train([*args, f"hydra.run.dir={run_dir}"], env)
             if code == STOPPED_EXIT_CODE and "SUBMITIT_FOLDER" in os.environ:
-                time.sleep(self.stop_timeout_s + 60)  # submitit requeues the job meanwhile (rank 0's handler)
+                self._await_requeue()
             if code != 0:
                 where = self.log or "the job's log"
                 what = "stopped by a signal" if code == STOPPED_EXIT_CODE else f"failed with exit code {code}"
@@ -127,6 +128,16 @@ class SweepJob(Checkpointable):
             finally:
                 self._child = None
         return code
+
+    def _await_requeue(self) -> None:
+        """The training stopped on Slurm's signal: rank 0's submitit handler now requeues the job,
+        which ends this process. If rank 0 gives up instead (past max_requeues), its result file
+        appears and this task stops waiting, so the job does not hold its nodes any longer."""
+        env = submitit.JobEnvironment()
+        rank0_result = JobPaths(env.paths.folder, job_id=env.job_id, task_id=0).result_pickle
+        deadline = time.monotonic() + self.stop_timeout_s + 60
+        while time.monotonic() < deadline and (env.global_rank == 0 or not rank0_result.exists()):
+            time.sleep(1)
 
     def _await_exit(self, pid: int) -> None:
         """Wait (bounded) until ``pid`` has exited, without reaping it: the job's own poll() does.
