@@ -31,13 +31,9 @@ def slurm_cluster() -> Path:
     packages, unless MEMETRAIN_REQUIRE_SLURM=1 (CI installs them) makes that a failure."""
     tools = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct")
     missing = [tool for tool in tools if shutil.which(tool) is None]
-    reason = (
-        "the Slurm tests need root"
-        if os.geteuid() != 0
-        else f"{', '.join(missing)} not installed"
-        if missing
-        else ""
-    )
+    reason = "the Slurm tests need root" if os.geteuid() != 0 else ""
+    if missing:
+        reason = f"{', '.join(missing)} not installed"
     if reason:
         if os.environ.get("MEMETRAIN_REQUIRE_SLURM") == "1":
             pytest.fail(f"{reason} (MEMETRAIN_REQUIRE_SLURM=1)")
