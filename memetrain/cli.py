@@ -159,12 +159,18 @@ def inspect_shards(cfg: DictConfig) -> None:
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 @user_errors_exit
 def train(cfg: DictConfig) -> None:
-    """Train and evaluate one run (see ``configs/train.yaml``)."""
+    """Train and evaluate one run (see ``configs/train.yaml``). Stopped by SIGTERM or SIGUSR2, it
+    checkpoints and exits with code 75 (``STOPPED_EXIT_CODE``); the same command resumes."""
     from hydra.core.hydra_config import HydraConfig
 
+    from memetrain.errors import STOPPED_EXIT_CODE, TrainingStopped
     from memetrain.run import train_and_evaluate
 
-    train_and_evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        train_and_evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except TrainingStopped as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr)
+        sys.exit(STOPPED_EXIT_CODE)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="collect", version_base="1.3")
@@ -190,3 +196,12 @@ def collect() -> None:
         quoted = args[0].replace("\\", "\\\\").replace("'", "\\'")
         sys.argv[1:] = [f"sweep_dir='{quoted}'", *args[1:]]
     _collect()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="sweep", version_base="1.3")
+@user_errors_exit
+def sweep(cfg: DictConfig) -> None:
+    """Run a grid of runs on Slurm or locally, then collect it (see ``configs/sweep.yaml``)."""
+    from memetrain.sweep.launch import run_sweep
+
+    run_sweep(cfg)

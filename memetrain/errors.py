@@ -8,3 +8,19 @@ class MemetrainError(Exception):
 
 class ConfigError(MemetrainError, ValueError):
     """An option or path given to the framework is wrong."""
+
+
+STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL: the run stopped on a signal after a checkpoint; re-run to resume
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a signal (a Slurm time limit or preemption) after saving a checkpoint.
+
+    Not a failure: entry points exit with :data:`STOPPED_EXIT_CODE`, and the same command resumes.
+    """
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str):
+        super().__init__(
+            f"stopped by {signal_name} at step {step}; checkpoint {checkpoint}; re-run to resume"
+        )
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from memetrain.errors import ConfigError, MemetrainError
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+STOP_GRACE_SECONDS = 60  # a loader worker outlives SIGTERM / SIGUSR2 this long (see _outlive_stop_signals)
 
 
 class StreamError(MemetrainError):
@@ -385,6 +387,7 @@ class MemeStream:
                 # its own generator: creating an iterator must not draw from the global torch RNG,
                 # or a resumed run's dropout would differ from an uninterrupted one's
                 generator=torch.Generator().manual_seed(s.seed),
+                worker_init_fn=_outlive_stop_signals,
             )
         return self._loader
 
@@ -425,6 +428,19 @@ class MemeStream:
 def _as_sent(batch: dict[str, Any]) -> dict[str, Any]:
     """The loader's collate function: batches are made by the slot dataset, numpy arrays kept."""
     return batch
+
+
+def _outlive_stop_signals(worker_id: int) -> None:
+    """Slurm signals every process of a job (SIGTERM on preemption, SIGUSR2 before its time limit),
+    and the training checkpoints after its current step, for which it may still need batches: a
+    worker so signalled keeps serving for STOP_GRACE_SECONDS, then SIGALRM ends it (torch's own
+    SIGTERM handler would end it at once and fail the step)."""
+
+    def end_later(signum, frame):
+        signal.alarm(STOP_GRACE_SECONDS)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, end_later)
 
 
 def _positions_per_shard(sizes: list[int], subset: Sequence[int] | None) -> list[Sequence[int]]:

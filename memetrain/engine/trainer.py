@@ -1,4 +1,6 @@
 """The training loop: resume, then {step; log; validate; checkpoint} until ``max_steps``, then close.
+On SIGTERM or SIGUSR2 (Slurm's preemption and time-limit signals) it checkpoints after the current
+step and raises :class:`memetrain.errors.TrainingStopped` (see :mod:`memetrain.engine.stopping`).
 
 Components (built by the caller): the Accelerate ``accelerator``, the ``method`` (model and loss),
 the ``optimizer``, the training ``stream`` and an optional validation stream, the ``logger`` and the
@@ -29,7 +31,8 @@ from memetrain.data.stream import MemeStream
 from memetrain.engine.checkpoint import Checkpointer
 from memetrain.engine.logger import RunLogger
 from memetrain.engine.schedules import cosine, warmup_cosine
-from memetrain.errors import ConfigError, MemetrainError
+from memetrain.engine.stopping import StopSignals
+from memetrain.errors import ConfigError, MemetrainError, TrainingStopped
 from memetrain.losses.monitor import COLLAPSE_WARNING
 from memetrain.methods import Method
 
@@ -138,6 +141,7 @@ class Trainer:
         )
         batches = self._batches()
         window = _Window()
+        stop = StopSignals().install()  # SIGTERM / SIGUSR2: checkpoint after the current step, then stop
         try:
             while self.state.step < self.s.max_steps:
                 self.train_step(batches, window)
@@ -148,12 +152,25 @@ class Trainer:
                     window = _Window()
                 if self.val_stream is not None and (step % self.s.val_every == 0 or step == self.s.max_steps):
                     self._log_validation()
-                if step % self.s.checkpoint_every == 0 or step == self.s.max_steps:
+                saved = step % self.s.checkpoint_every == 0 or step == self.s.max_steps
+                if saved:
                     self.save()
+                if signal_name := stop.agreed(self.accelerator):
+                    self._stop(signal_name, saved)
         finally:
+            stop.restore()
             progress.close()
         self._broadcast_buffers()  # evaluation after training sees the saved buffers on every rank
         return self.state
+
+    def _stop(self, signal_name: str, saved: bool) -> None:
+        if not saved:
+            self.save()
+        self.logger.close()
+        latest = self.checkpointer.latest()
+        if self.accelerator.is_main_process:
+            log.warning("%s: saved %s; stopping (the same command resumes from it)", signal_name, latest)
+        raise TrainingStopped(signal_name, self.state.step, str(latest))
 
     def train_step(self, batches: Iterator[dict[str, Any]], window: _Window) -> None:
         """One optimizer step over ``accum`` micro-batches; skipped if the loss or gradient is not finite."""
