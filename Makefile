@@ -1,4 +1,4 @@
-# memetrain: `make demo` runs the main job on SynthMemes, `make test` the whole suite.
+# memetrain: `make demo` runs the main job (the demo sweep) on SynthMemes, `make test` the whole suite.
 # Both create (or update) the virtual environment in .venv first. `make bench` runs the CPU
 # benchmarks and appends their tables to BENCHMARKS.md (benchmarks/README.md).
 
@@ -19,7 +19,7 @@ $(INSTALLED): setup.cfg pyproject.toml
 
 demo: $(INSTALLED)
 	$(BIN)/python launcher/pack.py source=synth count=8000 image_size=224 unlabeled=4000 output=shards/synth
-	$(BIN)/python launcher/train.py
+	$(BIN)/python launcher/sweep.py +sweep=demo launcher=local
 
 test: $(INSTALLED)
 	$(BIN)/pytest

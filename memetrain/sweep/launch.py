@@ -95,9 +95,12 @@ def run_sweep(cfg: DictConfig) -> None:
     save()
     _report(cfg.name, sweep_dir, jobs, states, time.monotonic() - start)
     if cfg.collect:
-        from memetrain.sweep.collect import collect_sweep
+        from memetrain.sweep.collect import OUTPUTS, collect_sweep
 
         print(collect_sweep(sweep_dir, reference=sweep.get("reference")))
+        print(f"tables: {', '.join(str(sweep_dir / name) for name in OUTPUTS)}")
+    print(f"per job: {sweep_dir}/<job>/results.json, plots/ (curves, ROC, confusion matrices), train.log")
+    print(f"TensorBoard (every job's tb/): tensorboard --logdir {sweep_dir}")
     failed = [job.name for job in jobs if states[job.name].status == FAILED]
     if failed:
         raise SweepFailed(
