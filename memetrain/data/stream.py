@@ -26,7 +26,9 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -434,13 +436,22 @@ def _outlive_stop_signals(worker_id: int) -> None:
     """Slurm signals every process of a job (SIGTERM on preemption, SIGUSR2 before its time limit),
     and the training checkpoints after its current step, for which it may still need batches: a
     worker so signalled keeps serving for STOP_GRACE_SECONDS, then SIGALRM ends it (torch's own
-    SIGTERM handler would end it at once and fail the step)."""
+    SIGTERM handler would end it at once and fail the step). A SIGTERM from the worker's own
+    parent (multiprocessing ending its children at exit) still ends it at once, or an exiting
+    training would wait out the grace and die on a worker killed by SIGALRM. Only the signal's
+    sender tells the two apart, so a thread takes the signals with ``sigwaitinfo``."""
+    stop_signals = {signal.SIGTERM, signal.SIGUSR2}
+    parent = os.getppid()
 
-    def end_later(signum, frame):
-        signal.alarm(STOP_GRACE_SECONDS)
+    def take_signals() -> None:
+        while True:
+            received = signal.sigwaitinfo(stop_signals)
+            if received.si_pid == parent and received.si_signo == signal.SIGTERM:
+                os._exit(0)
+            signal.alarm(STOP_GRACE_SECONDS)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(sig, end_later)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # threads started later inherit the mask
+    threading.Thread(target=take_signals, name="stop-signals", daemon=True).start()
 
 
 def _positions_per_shard(sizes: list[int], subset: Sequence[int] | None) -> list[Sequence[int]]:
