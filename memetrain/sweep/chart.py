@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from memetrain.fileio import atomic_writer
-from memetrain.sweep.collect import NAMES, Table
+from memetrain.sweep.collect import Table, metric_name
 
 MAX_ROWS = 40  # more rows than this are unreadable as bars; the chart says so and table.md has them all
 
@@ -27,7 +27,7 @@ def plot_table(table: Table, path: Path) -> Path:
         means = np.array([np.nan if c.mean is None else c.mean for c in cells])
         stds = np.array([0.0 if c.std is None else c.std for c in cells])
         positions = y - 0.4 + width * (index + 0.5)
-        ax.barh(positions, means, height=width, xerr=stds, capsize=2, label=NAMES[metric])
+        ax.barh(positions, means, height=width, xerr=stds, capsize=2, label=metric_name(metric))
         published = [row.published.values.get(metric) if row.published else None for row in rows]
         if any(published):
             ax.plot(

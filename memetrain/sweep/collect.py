@@ -6,7 +6,10 @@
 Runs are grouped by everything but the seed (see ``memetrain/sweep/runs.py``). A cell is the mean
 ± the sample standard deviation (ddof=1) of a metric over a group's seeds, with n beside it; a group
 of one run shows its value alone. The metrics are one protocol's on one evaluation split: AUROC and
-accuracy, and weighted F1 where a group ran on MAMI (the score the SemiMemes paper reports there).
+accuracy, and weighted F1 where a group ran on MAMI (the score the SemiMemes paper reports there);
+where runs also predicted other labels (MAMI task B: shaming, stereotype, objectification,
+violence), their MAMI score (the official task B F1: each label's macro F1 weighted by its positive
+count), scikit-learn's weighted and macro positive-class F1, mean AUROC and each label's F1.
 Jobs without results (failed, pending, running, or done without a results.json) and runs without
 the tabled metrics are listed under the table, never averaged away.
 """
@@ -29,8 +32,28 @@ from memetrain.sweep.runs import Job, describe, find_jobs, flat_config, label
 PROTOCOLS = ("auto", "classifier", "linear_probe", "knn")
 METRICS = ("auroc", "accuracy")
 MAMI_METRIC = "f1_weighted"  # added to the table when a group ran on MAMI
-NAMES = {"auroc": "AUROC", "accuracy": "Accuracy", "f1_weighted": "F1 (weighted)", "f1_macro": "F1 (macro)"}
+TASK_B = (
+    "task_b_f1_weighted_macro",
+    "task_b_f1_weighted",
+    "task_b_f1_macro",
+    "task_b_auroc",
+)  # then "f1:<label>" per label
+NAMES = {
+    "auroc": "AUROC",
+    "accuracy": "Accuracy",
+    "f1_weighted": "F1 (weighted)",
+    "f1_macro": "F1 (macro)",
+    "task_b_f1_weighted_macro": "Task B F1 (MAMI score)",
+    "task_b_f1_weighted": "Task B F1 (weighted)",
+    "task_b_f1_macro": "Task B F1 (macro)",
+    "task_b_auroc": "Task B AUROC",
+}
 OUTPUTS = ("table.md", "table.csv", "table.tex", "table.png")
+
+
+def metric_name(metric: str) -> str:
+    """A metric's column title: ``f1:shaming`` is ``F1 shaming``."""
+    return NAMES.get(metric) or f"F1 {metric.removeprefix('f1:')}"
 
 
 @dataclass
@@ -115,6 +138,7 @@ def build_table(sweep_dir: Path, reference: ReferenceTable | None, protocol: str
     items, common = describe(groups)
     read = found = 0
     available: set[str] = set()
+    task_b: list[str] = []  # the task-B metrics any counted run has, in order
     rows = []
     for key, group_jobs in groups.items():
         cells = {metric: Cell() for metric in (*METRICS, MAMI_METRIC)}
@@ -142,11 +166,14 @@ def build_table(sweep_dir: Path, reference: ReferenceTable | None, protocol: str
             splits.add(used_split)
             sources.add(results.get("data", {}).get("source"))
             methods.add(results.get("method"))
+            task_b += [m for m in metrics if _is_task_b(m) and m not in task_b]
+            for metric in task_b:
+                cells.setdefault(metric, Cell())
             for metric, cell in cells.items():
                 value = metrics.get(metric)
                 if value is not None:
                     cell.values.append(float(value))
-                elif metric in METRICS:
+                elif metric in METRICS and "accuracy" in metrics:  # a task-B-only run has no main label
                     reason = metrics.get(f"{metric}_reason") or "not in results.json"
                     not_counted.append(
                         f"`{job.name}` (seed {job.seed}): no {metric} on {used_split} ({reason})"
@@ -171,9 +198,14 @@ def build_table(sweep_dir: Path, reference: ReferenceTable | None, protocol: str
             + "; the runs have "
             f"{', '.join(sorted(available)) or 'no labeled split'} (set protocol= and split=)"
         )
-    metrics = [*METRICS, MAMI_METRIC] if any(row.mami for row in rows) else list(METRICS)
+    main = any(row.cells["accuracy"].n for row in rows) or not task_b
+    metrics = [
+        *(METRICS if main else ()),
+        *((MAMI_METRIC,) if main and any(row.mami for row in rows) else ()),
+    ]
+    metrics += task_b
     for row in rows:
-        row.cells = {metric: row.cells[metric] for metric in metrics}
+        row.cells = {metric: row.cells.get(metric, Cell()) for metric in metrics}
     row_protocols = {row.protocol for row in rows if row.protocol}
     row_splits = {row.split for row in rows if row.split}
     unmatched = _match_reference(reference, rows) if reference else []
@@ -232,24 +264,48 @@ def _choose(results: dict, protocol: str, split: str) -> tuple[str, str, dict] |
             return f"no classifier or linear_probe results (it has {', '.join(protocols) or 'none'})"
     elif protocol not in protocols:
         return f"no {protocol} results (it has {', '.join(protocols) or 'none'})"
-    splits = {name: m for name, m in protocols[protocol].get("splits", {}).items() if "accuracy" in m}
+    main, task_b = _scored_splits(protocols[protocol])
+    splits = list(dict.fromkeys([*main, *task_b]))
     if split == "auto":
-        chosen = next((s for s in splits if s.startswith("test")), next(reversed(splits), None))
+        chosen = next((s for s in splits if s.startswith("test")), splits[-1] if splits else None)
         if chosen is None:
             return f"no labeled evaluation split in its {protocol} results"
     elif split not in splits:
         return f"no {protocol} metrics on {split} (labeled splits: {', '.join(splits) or 'none'})"
     else:
         chosen = split
-    return protocol, chosen, splits[chosen]
+    return protocol, chosen, {**main.get(chosen, {}), **_task_b_metrics(task_b.get(chosen))}
+
+
+def _scored_splits(result: dict) -> tuple[dict[str, dict], dict[str, dict]]:
+    """A protocol's labeled splits: the main label's metrics, and the other labels' (task B)."""
+    main = {name: m for name, m in result.get("splits", {}).items() if "accuracy" in m}
+    task_b = {name: m for name, m in result.get("multilabel", {}).items() if "per_label" in m}
+    return main, task_b
+
+
+def _task_b_metrics(metrics: dict | None) -> dict[str, float | None]:
+    if metrics is None:
+        return {}
+    return {
+        "task_b_f1_weighted_macro": metrics["f1_weighted_macro"],
+        "task_b_f1_weighted": metrics["f1_weighted"],
+        "task_b_f1_macro": metrics["f1_macro"],
+        "task_b_auroc": metrics["auroc"],
+        **{f"f1:{name}": label["f1"] for name, label in metrics["per_label"].items()},
+    }
+
+
+def _is_task_b(metric: str) -> bool:
+    return metric in TASK_B or metric.startswith("f1:")
 
 
 def _labeled(results: dict) -> set[str]:
     return {
         f"{protocol}/{name}"
         for protocol, result in results["protocols"].items()
-        for name, metrics in result.get("splits", {}).items()
-        if "accuracy" in metrics
+        for scored in _scored_splits(result)
+        for name in scored
     }
 
 

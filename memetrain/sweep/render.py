@@ -6,7 +6,7 @@ import csv
 import io
 import re
 
-from memetrain.sweep.collect import NAMES, Cell, Row, Table
+from memetrain.sweep.collect import Cell, Row, Table, metric_name
 from memetrain.sweep.runs import label
 
 STD = "sample standard deviation (ddof=1)"
@@ -82,11 +82,11 @@ def mean_std_text(mean: float | None, std: float | None, tex: bool = False) -> s
 def _headers(table: Table) -> list[str]:
     headers = [] if table.protocol else ["Protocol"]
     headers += [] if table.split else ["Split"]
-    headers += [f"{NAMES[m]} ({table.split})" if table.split else NAMES[m] for m in table.metrics]
+    headers += [f"{metric_name(m)} ({table.split})" if table.split else metric_name(m) for m in table.metrics]
     if table.reference:
         metrics = _published_metrics(table)
-        headers += ["Published", *(f"{NAMES[m]} (published)" for m in metrics)]
-        headers += [f"Δ {NAMES[m]}" for m in metrics]
+        headers += ["Published", *(f"{metric_name(m)} (published)" for m in metrics)]
+        headers += [f"Δ {metric_name(m)}" for m in metrics]
     return headers
 
 

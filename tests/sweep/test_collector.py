@@ -21,7 +21,7 @@ from omegaconf import OmegaConf, open_dict
 
 from memetrain.cli import CONFIG_DIR
 from memetrain.errors import ConfigError
-from memetrain.eval.protocols import Outputs, score_splits
+from memetrain.eval.protocols import Outputs, score_splits, score_targets
 from memetrain.sweep.collect import Cell, collect_sweep
 from tests.helpers import run_launcher
 
@@ -38,6 +38,21 @@ def scored_protocol(rng: np.random.Generator, n: int = 40) -> dict:
     return score_splits(scores, outputs, label_index=0, dev_split="dev", label_fraction=1.0)
 
 
+MAMI_LABELS = ["misogynous", "shaming", "stereotype", "objectification", "violence"]
+
+
+def scored_targets(rng: np.random.Generator, targets: list[str], n: int = 40) -> dict:
+    """A protocol's entry for MAMI's five labels, the run predicting ``targets``, scored by the real
+    ``score_targets`` (task A in splits, the others in multilabel)."""
+    outputs, scores = {}, {}
+    for split in SPLITS:
+        labels = (rng.random((n, len(MAMI_LABELS))) < 0.5).astype(np.int64)
+        outputs[split] = Outputs([f"m{i}" for i in range(n)], labels, np.zeros((n, 1)), None)
+        columns = [MAMI_LABELS.index(t) for t in targets]
+        scores[split] = np.clip(labels[:, columns] * 0.3 + rng.random((n, len(targets))) * 0.7, 0, 1)
+    return score_targets(scores, outputs, targets, MAMI_LABELS, "misogynous", "dev", 1.0)
+
+
 def write_run(
     run_dir: Path,
     overrides: list[str],
@@ -45,6 +60,7 @@ def write_run(
     protocols: tuple[str, ...] = ("classifier",),
     source: str = "synth",
     hydra_record: bool = True,
+    targets: list[str] | None = None,
 ) -> dict:
     """A finished run directory as run.py leaves it; returns its results."""
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
@@ -67,7 +83,10 @@ def write_run(
         "steps": cfg.trainer.max_steps,
         "skipped_steps": 0,
         "world_size": 1,
-        "protocols": {protocol: scored_protocol(rng) for protocol in protocols},
+        "protocols": {
+            protocol: scored_targets(rng, targets) if targets else scored_protocol(rng)
+            for protocol in protocols
+        },
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
@@ -189,6 +208,39 @@ def test_mami_rows_add_the_weighted_f1_column(tmp_path):
     values = [metric(sweep / job["name"], "f1_weighted") for job in jobs]
     f1 = markdown_rows(markdown)["method=supervised model=lstm"][3]
     assert f1 == f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+@pytest.mark.parametrize("targets", [MAMI_LABELS, MAMI_LABELS[1:]], ids=["tasks A and B", "task B alone"])
+def test_task_b_runs_add_their_weighted_macro_and_per_label_columns(tmp_path, targets):
+    sweep = tmp_path / "sweep"
+    jobs = [grid_job(sweep, {"model": "lstm"}, seed, source="mami", targets=targets) for seed in (0, 1)]
+    write_sweep(sweep, jobs)
+    markdown = collect_sweep(sweep)
+
+    task_b = [
+        "Task B F1 (MAMI score)",
+        "Task B F1 (weighted)",
+        "Task B F1 (macro)",
+        "Task B AUROC",
+        *(f"F1 {t}" for t in MAMI_LABELS[1:]),
+    ]
+    task_a = ["AUROC", "Accuracy", "F1 (weighted)"] if targets[0] == "misogynous" else []
+    assert (
+        markdown.splitlines()[0]
+        == "| Model | n | " + " | ".join(f"{m} (test)" for m in [*task_a, *task_b]) + " |"
+    )
+    assert "no auroc" not in markdown  # a task-B-only run is not short of task A's metrics
+    results = [json.loads((sweep / job["name"] / "results.json").read_text()) for job in jobs]
+    scored = [r["protocols"]["classifier"]["multilabel"]["test"] for r in results]
+    expected = [
+        [m["f1_weighted_macro"] for m in scored],
+        [m["f1_weighted"] for m in scored],
+        [m["f1_macro"] for m in scored],
+        [m["auroc"] for m in scored],
+        *([m["per_label"][t]["f1"] for m in scored] for t in MAMI_LABELS[1:]),
+    ]
+    cells = markdown_rows(markdown)["method=supervised model=lstm"][1 + len(task_a) :]
+    assert cells == [f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}" for v in expected]
 
 
 def test_published_rows_are_printed_beside_ours_with_deltas(tmp_path):
