@@ -353,7 +353,7 @@ class MemeStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._shared_epoch.value, self._shared_skip.value = self.epoch, self.batches_done
         self._returns.collect()  # before the workers start prefetching: last epoch's batches are done
-        for batch in self._dataloader():
+        for batch in _batches_from(self._dataloader()):
             if "error" in batch:
                 raise batch["error"]
             self.batches_done += 1
@@ -432,6 +432,22 @@ def _as_sent(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR2}
+
+
+def _batches_from(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    """``iter(loader)`` with the stop signals blocked while it forks the workers: a forked worker
+    keeps its parent thread's signal mask, so it holds them from its first instruction, before
+    torch installs its own SIGTERM handler, and its signal thread (:func:`_outlive_stop_signals`)
+    takes any sent meanwhile. The parent gets its pending ones when the mask is restored."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        batches = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return batches
+
+
 def _outlive_stop_signals(worker_id: int) -> None:
     """Slurm signals every process of a job (SIGTERM on preemption, SIGUSR2 before its time limit),
     and the training checkpoints after its current step, for which it may still need batches: a
@@ -439,18 +455,18 @@ def _outlive_stop_signals(worker_id: int) -> None:
     SIGTERM handler would end it at once and fail the step). A SIGTERM from the worker's own
     parent (multiprocessing ending its children at exit) still ends it at once, or an exiting
     training would wait out the grace and die on a worker killed by SIGALRM. Only the signal's
-    sender tells the two apart, so a thread takes the signals with ``sigwaitinfo``."""
-    stop_signals = {signal.SIGTERM, signal.SIGUSR2}
+    sender tells the two apart, so a thread takes the signals with ``sigwaitinfo``; every thread
+    of the worker blocks them (see :func:`_batches_from`)."""
     parent = os.getppid()
 
     def take_signals() -> None:
         while True:
-            received = signal.sigwaitinfo(stop_signals)
+            received = signal.sigwaitinfo(STOP_SIGNALS)
             if received.si_pid == parent and received.si_signo == signal.SIGTERM:
                 os._exit(0)
             signal.alarm(STOP_GRACE_SECONDS)
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # threads started later inherit the mask
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # already so when forked by _batches_from
     threading.Thread(target=take_signals, name="stop-signals", daemon=True).start()
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
+import subprocess
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -98,6 +102,33 @@ def test_one_epoch_yields_every_sample_of_the_split_once(synth_shards):
     assert batch["label"].tolist() == batch["labels"][:, 0].tolist()
     assert set(batch["label"].tolist()) <= {0, 1}
     assert s.epoch == 1 and s.batches_done == 0
+
+
+def worker_pids() -> list[int]:
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    return [int(pid) for pid in children if Path(f"/proc/{pid}/comm").read_text().strip() == "pt_data_worker"]
+
+
+def test_workers_outlive_slurms_stop_signals_and_end_at_once_on_their_parents(synth_shards):
+    """Slurm signals the whole job (here: another process sends them); the training may still need
+    batches to reach its checkpoint. multiprocessing's exit terminates the workers from the parent."""
+    s = stream(synth_shards, batch_size=16, num_workers=2)
+    batches = iter(s)
+    first = next(batches)
+    workers = worker_pids()
+    assert len(workers) == 2
+    for signum in ("TERM", "USR2"):
+        subprocess.run(["kill", f"-{signum}", *map(str, workers)], check=True)
+    ids = ids_of([first, *batches])  # the whole epoch still arrives
+    assert len(ids) == Manifest.load(synth_shards).split("train").samples
+    assert worker_pids() == workers
+
+    os.kill(workers[0], signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while (ended := os.waitid(os.P_PID, workers[0], os.WEXITED | os.WNOHANG | os.WNOWAIT)) is None:
+        assert time.monotonic() < deadline, "the worker outlived its parent's SIGTERM"
+        time.sleep(0.05)
+    assert (ended.si_code, ended.si_status) == (os.CLD_EXITED, 0)
 
 
 @pytest.mark.parametrize(("world_size", "workers"), [(2, 0), (2, 2), (3, 2)])

@@ -23,6 +23,10 @@ from tests.sweep.sweeps import CLIP, FUSION_FROM, tiny_sweep
 
 pytestmark = pytest.mark.slow
 
+# Runs long enough that the signal, sent once step 2 is logged, lands mid-training on a fast machine
+# too (a 12-step run could finish first), checkpointing and validating rarely so the length is cheap.
+FUSION_STEPS, TEXT_STEPS = 48, 240
+RARE = "'trainer.log_every=1','trainer.checkpoint_every=40','trainer.val_every=1000'"
 SLURM = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.time_minutes=10", "launcher.poll_seconds=1",
          "launcher.signal_delay_s=30", "launcher.stop_timeout_s=20"]  # fmt: skip
 
@@ -40,7 +44,7 @@ def wait_until(condition, what: str, timeout: float = 180):
     while time.monotonic() < deadline:
         if value := condition():
             return value
-        time.sleep(0.5)
+        time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -64,8 +68,8 @@ def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str, s
 def test_a_job_array_with_a_preempted_job_requeued_to_the_same_result(slurm_cluster, synth_shards, tmp_path):
     pretrain = [*CLIP["train"], "trainer.max_steps=3", "eval.protocols=[linear_probe]"]
     methods = {"fusion": {"pretrain": pretrain, "train": FUSION_FROM["<pretrain>"]}}
-    args = tiny_sweep(tmp_path, synth_shards, methods, axes={"copy": {"a": [], "b": []}}, steps=12)
-    args += [*SLURM, "overrides=['trainer.log_every=1']"]
+    args = tiny_sweep(tmp_path, synth_shards, methods, axes={"copy": {"a": [], "b": []}}, steps=FUSION_STEPS)
+    args += [*SLURM, f"overrides=[{RARE}]"]
     sweep_dir = tmp_path / "runs" / "tiny"
     run_a, run_b = sweep_dir / "fusion-a-seed0", sweep_dir / "fusion-b-seed0"
     sweep = start_sweep(args)
@@ -80,7 +84,8 @@ def test_a_job_array_with_a_preempted_job_requeued_to_the_same_result(slurm_clus
         "pretraining ran once"
     )
     ours, theirs = (
-        load_file(d / "checkpoints" / "step_0000012" / "model.safetensors") for d in (run_a, run_b)
+        load_file(d / "checkpoints" / f"step_{FUSION_STEPS:07d}" / "model.safetensors")
+        for d in (run_a, run_b)
     )
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     results = [json.loads((d / "results.json").read_text())["protocols"] for d in (run_a, run_b)]
@@ -101,9 +106,9 @@ def test_a_job_array_with_a_preempted_job_requeued_to_the_same_result(slurm_clus
 def test_a_distributed_array_task_past_its_requeue_bound_fails_and_a_rerun_resumes_it(
     slurm_cluster, synth_shards, tmp_path
 ):
-    args = tiny_sweep(tmp_path, synth_shards, {"text": {"train": ["model=lstm"]}}, steps=12)
+    args = tiny_sweep(tmp_path, synth_shards, {"text": {"train": ["model=lstm"]}}, steps=TEXT_STEPS)
     args += [*SLURM, "launcher.tasks_per_node=2", "launcher.max_requeues=0"]
-    args += ["overrides=['data.batch_size=8','data.num_workers=1','trainer.log_every=1']"]
+    args += [f"overrides=['data.batch_size=8','data.num_workers=1',{RARE}]"]
     sweep_dir, run_dir = tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny" / "text-seed0"
     sweep = start_sweep(args)
     wait_until(lambda: training_step(run_dir) >= 2, "the two-process training to be under way")
@@ -125,7 +130,7 @@ def test_a_distributed_array_task_past_its_requeue_bound_fails_and_a_rerun_resum
     assert code == 0, err[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:07d}'}" in _log(run_dir)
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["world_size"] == 2 and results["steps"] == 12
+    assert results["world_size"] == 2 and results["steps"] == TEXT_STEPS
 
 
 def stops(run_dir: Path) -> int:
