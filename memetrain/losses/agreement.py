@@ -10,10 +10,18 @@ outputs together with BYOL's normalised regression loss (Grill et al., "Bootstra
 No stop-gradient and no EMA: both networks receive the gradient. BYOL symmetrises by swapping two
 views between its networks; with one shared view and nothing detached, l(a, b) = l(b, a) and the
 symmetrised loss (l(a, b) + l(b, a)) / 2 is l(a, b) itself, so it is computed once.
+
+Nothing in that loss keeps the embeddings apart: networks trained from scratch can agree on one
+constant output. CASS starts from ImageNet weights; on SynthMemes from scratch, CASS-MM collapsed
+within 30 steps and CASS within 300 (embedding_std 0.01 and 0.12, loss 0). :func:`variance_hinge`
+is our optional guard against that (``method.variance_weight``; 0 is the paper's loss).
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,6 +37,19 @@ def cosine_agreement_loss(a: Tensor, b: Tensor) -> Tensor:
     return (2 - 2 * (a * b).sum(dim=1)).mean()  # [B] -> []
 
 
+def variance_hinge(z: Tensor, target: float = 0.5) -> Tensor:
+    """VICReg's variance term (Bardes, Ponce, LeCun 2022, eq. 1) on L2-normalised rows: the mean over
+    dimensions of ``relu(target - sqrt(D) * std_d)``, the std taken over the batch (with VICReg's
+    1e-4 inside the root). 0 while the embeddings spread, ``target`` when they are one point.
+
+    On unit rows (scaled by sqrt(D), as :func:`memetrain.losses.monitor.embedding_std`) a network
+    cannot meet it by growing its outputs, which a cosine agreement ignores. z: [B, D], B >= 2.
+    """
+    z = F.normalize(z.float(), dim=1)  # [B, D]
+    std = torch.sqrt(z.var(dim=0) + 1e-4) * math.sqrt(z.shape[1])  # [D]
+    return F.relu(target - std).mean()
+
+
 class CassMMLoss(nn.Module):
     """CASS-MM: CASS between the image and the text of a meme, plus optionally CASS between two image nets.
 
@@ -37,15 +58,16 @@ class CassMMLoss(nn.Module):
 
         cross_modal_loss = mean over image branches b of l(z_b, z_t)
         unimodal_loss    = lambda * l(z_cnn, z_vit)          (only with two image branches)
-        total            = cross_modal_loss + unimodal_loss
+        variance_loss    = mu * mean over all branches of variance_hinge(z)   (only with mu > 0)
+        total            = cross_modal_loss + unimodal_loss + variance_loss
 
-    ``forward`` returns the named terms; with ``unimodal_weight`` (lambda) 0 the total is the
-    cross-modal term alone. Gradients reach every embedding: nothing is detached.
+    ``forward`` returns the named terms; with ``unimodal_weight`` (lambda) and ``variance_weight``
+    (mu) 0 the total is the cross-modal term alone. Gradients reach every embedding: nothing is detached.
     """
 
-    def __init__(self, unimodal_weight: float = 0.0):
+    def __init__(self, unimodal_weight: float = 0.0, variance_weight: float = 0.0):
         super().__init__()
-        self.unimodal_weight = unimodal_weight
+        self.unimodal_weight, self.variance_weight = unimodal_weight, variance_weight
 
     def forward(self, images: list[Tensor], text: Tensor) -> dict[str, Tensor]:
         """images: one or two ``[B, D]`` (CNN first); text: ``[B, D]``."""
@@ -53,4 +75,9 @@ class CassMMLoss(nn.Module):
         losses = {"cross_modal_loss": cross}
         if len(images) == 2:
             losses["unimodal_loss"] = self.unimodal_weight * cosine_agreement_loss(*images)  # []
+        if self.variance_weight > 0:
+            branches = [*images, text]
+            losses["variance_loss"] = (
+                self.variance_weight * sum(map(variance_hinge, branches)) / len(branches)
+            )
         return losses

@@ -5,6 +5,10 @@ A CNN (ResNet-50 in the paper; ``model=cass_small`` uses ResNet-18) and a ViT (V
 ViT-Tiny/16 here) see the SAME augmented view of a meme. Each backbone has its own projection head,
 and the loss is ``2 - 2 cos`` between the two L2-normalised projections (symmetric, see
 :mod:`memetrain.losses.agreement`). Both networks are trained: no stop-gradient, no EMA teacher.
+Ours, not the paper's: ``variance_weight`` times VICReg's variance hinge on each normalised
+projection (``variance_loss``, :func:`memetrain.losses.agreement.variance_hinge`), since from
+scratch (the paper starts from ImageNet weights) the two networks drift to one constant output;
+``variance_weight=0`` is the paper's loss.
 Where the public notebook differs we do not follow it: it never zeroes gradients (the engine does),
 it compares the backbones' 1000-class ImageNet logits (we use projection heads to ``proj_dim``), and
 it validates a different network than the one it reports (``embed_from`` says which one ``embed``
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memetrain.errors import ConfigError
-from memetrain.losses.agreement import cosine_agreement_loss
+from memetrain.losses.agreement import cosine_agreement_loss, variance_hinge
 from memetrain.losses.monitor import embedding_std
 from memetrain.methods.base import Batch, Method
 from memetrain.methods.registry import DataInfo, register
@@ -104,10 +108,16 @@ class Cass(Method):
         data: DataInfo,
         proj_dim: int = 128,
         proj_hidden_dim: int = 512,
+        variance_weight: float = 1.0,
         embed_from: str = "cnn",
     ):
         super().__init__()
         configured(model, self.name, required={"cnn", "vit"}, optional=set())
+        if variance_weight < 0:
+            raise ConfigError(
+                f"method.variance_weight={variance_weight}: give a weight >= 0 (0: no variance term)"
+            )
+        self.variance_weight = variance_weight
         if embed_from not in self.EMBED_FROM:
             raise ConfigError(f"method.embed_from={embed_from!r}: choose one of {', '.join(self.EMBED_FROM)}")
         self.embed_from = embed_from
@@ -120,7 +130,12 @@ class Cass(Method):
         images = single_view(batch)  # the same view for both networks
         z = {b: self.heads[b](self.encoders[b](images)) for b in ("cnn", "vit")}  # each [B, proj_dim]
         report = {f"embedding_std_{b}": embedding_std(z[b]) for b in z}
-        return {"agreement_loss": cosine_agreement_loss(z["cnn"], z["vit"])}, report
+        losses = {"agreement_loss": cosine_agreement_loss(z["cnn"], z["vit"])}
+        if self.variance_weight > 0:
+            losses["variance_loss"] = (
+                self.variance_weight * (variance_hinge(z["cnn"]) + variance_hinge(z["vit"])) / 2
+            )
+        return losses, report
 
     def embed(self, batch: Batch) -> Tensor:
         images = single_view(batch)

@@ -13,12 +13,17 @@ width ``proj_dim``: ``z_b = g_b(f_b(x))``. With ``l(a, b) = 2 - 2 cos(a, b)`` av
 (:func:`memetrain.losses.agreement.cosine_agreement_loss`) and lambda = ``unimodal_weight``:
 
     L = mean over image branches b of l(z_b, z_text)  +  lambda * l(z_cnn, z_vit)
+        + mu * mean over all branches b of v(z_b)
 
 The first term (``cross_modal_loss``) is CASS between each image branch and the text branch,
 averaged over the image branches (one or two); the second (``unimodal_loss``) is image-only CASS
 between the CNN and the ViT, present only when both are configured (lambda > 0 with a single image
 branch is refused). ``l`` is symmetric and nothing is detached: every encoder and every projection
-head receives gradients from every term it appears in (no stop-gradient, no EMA).
+head receives gradients from every term it appears in (no stop-gradient, no EMA). The third term
+(``variance_loss``, mu = ``variance_weight``) is ours, not the study's: ``v`` is VICReg's variance
+hinge on the normalised projections (:func:`memetrain.losses.agreement.variance_hinge`); without
+it the image and text branches trained from scratch agree on one constant output within tens of
+steps. mu = 0 is the pure agreement loss.
 
 ``embed`` returns backbone features (before the projection heads) per ``embed_from``: ``image``
 (the image branches, CNN first), ``text``, or ``both`` (image branches, then text); several
@@ -58,6 +63,7 @@ class CassMM(Method):
         proj_dim: int = 128,
         proj_hidden_dim: int = 512,
         unimodal_weight: float = 0.0,
+        variance_weight: float = 1.0,
         embed_from: str = "both",
     ):
         super().__init__()
@@ -70,6 +76,10 @@ class CassMM(Method):
                 f"method.unimodal_weight={unimodal_weight} weights the CNN-ViT term: it must be >= 0, and "
                 "> 0 only with both model.cnn and model.vit (e.g. model/image@model.cnn=resnet18)"
             )
+        if variance_weight < 0:
+            raise ConfigError(
+                f"method.variance_weight={variance_weight}: give a weight >= 0 (0: no variance term)"
+            )
         if embed_from not in self.EMBED_FROM:
             raise ConfigError(f"method.embed_from={embed_from!r}: choose one of {', '.join(self.EMBED_FROM)}")
         self.embed_from = embed_from
@@ -80,7 +90,7 @@ class CassMM(Method):
         self.heads = nn.ModuleDict(
             {b: ProjectionHead(e.out_dim, proj_hidden_dim, proj_dim) for b, e in self.encoders.items()}
         )
-        self.loss = CassMMLoss(unimodal_weight)
+        self.loss = CassMMLoss(unimodal_weight, variance_weight)
 
     def _text_features(self, batch: Batch) -> Tensor:
         if "input_ids" not in batch:

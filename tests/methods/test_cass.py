@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from memetrain.errors import ConfigError
-from memetrain.losses.agreement import CassMMLoss, cosine_agreement_loss
+from memetrain.losses.agreement import CassMMLoss, cosine_agreement_loss, variance_hinge
 from memetrain.methods import DataInfo, build_method
 from tests.helpers import REPO, run_launcher, tiny_run_overrides
 
@@ -103,12 +103,37 @@ def grad_norms(method) -> dict[str, float]:
     return norms
 
 
+def test_variance_hinge_on_hand_computed_cases():
+    one_point = torch.tensor([[3.0, 0.0]] * 4)  # normalised: [1, 0] four times; std = sqrt(1e-4)
+    assert variance_hinge(one_point).item() == pytest.approx(0.5 - 0.01 * math.sqrt(2), abs=1e-6)
+    spread = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])  # var per dim 2/3
+    assert variance_hinge(spread).item() == 0.0
+    half = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # var 1/3: sqrt(2/3 + 2e-4) < 1
+    expected = max(0.0, 1.0 - math.sqrt(2 * (1 / 3 + 1e-4)))
+    assert variance_hinge(half, target=1.0).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_variance_term_is_weighted_and_off_at_zero():
+    method, batch = cass(variance_weight=0.5), memes()
+    losses, _ = method.training_step(batch)
+    z = {b: method.heads[b](method.encoders[b](batch["image"])).detach() for b in ("cnn", "vit")}
+    expected = 0.5 * (variance_hinge(z["cnn"]) + variance_hinge(z["vit"])).item() / 2
+    assert losses["variance_loss"].item() == pytest.approx(expected, abs=1e-6)
+    assert cass(variance_weight=0.0).training_step(batch)[0].keys() == {"agreement_loss"}
+    mm = CassMMLoss(variance_weight=2.0)
+    images, text = [torch.randn(6, 8)], torch.randn(6, 8)
+    terms = mm(images, text)
+    assert terms["variance_loss"].item() == pytest.approx(
+        2.0 * (variance_hinge(images[0]) + variance_hinge(text)).item() / 2, abs=1e-6
+    )
+
+
 def test_cass_trains_both_networks_on_one_view():
     method = cass()
     losses, report = method.training_step(memes())
-    assert losses.keys() == {"agreement_loss"} and 0 < losses["agreement_loss"].item() < 4
+    assert losses.keys() == {"agreement_loss", "variance_loss"} and 0 < losses["agreement_loss"].item() < 4
     assert report.keys() == {"embedding_std_cnn", "embedding_std_vit"}
-    losses["agreement_loss"].backward()
+    sum(losses.values()).backward()
     norms = grad_norms(method)
     assert norms.keys() == {"encoders.cnn", "encoders.vit", "heads.cnn", "heads.vit"}
     assert all(value > 0 for value in norms.values()), norms
@@ -153,9 +178,9 @@ def test_cass_mm_lambda_zero_is_the_cross_modal_term_alone():
 def test_cass_mm_with_one_image_branch_trains_image_and_text():
     method = cass_mm()
     losses, report = method.training_step(memes())
-    assert losses.keys() == {"cross_modal_loss"}
+    assert losses.keys() == {"cross_modal_loss", "variance_loss"}
     assert report.keys() == {"embedding_std_vit", "embedding_std_text"}
-    losses["cross_modal_loss"].backward()
+    sum(losses.values()).backward()
     norms = grad_norms(method)
     assert norms.keys() == {"encoders.vit", "encoders.text", "heads.vit", "heads.text"}
     assert all(value > 0 for value in norms.values()), norms
