@@ -35,7 +35,7 @@ def test_errors_are_one_line():
     cases = [
         (
             [],
-            "error: choose a sweep: +sweep=<name>, one of assignment, demo, mami, semimemes, table1, table2, table3",
+            "error: choose a sweep: +sweep=<name>, one of assignment, demo, mami, semimemes, synth_methods, table1, table2, table3",
         ),
         (["+sweep=demo", "launcher.stop_timeout_s=200"], "error: launcher.stop_timeout_s=200 must be below"),
     ]
