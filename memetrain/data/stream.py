@@ -7,11 +7,10 @@ The pipeline, for one (rank, worker) "slot" and one epoch::
     read      the slot's run of tar members, grouped into samples (no decoding, no pickle)
     shuffle   a buffer of ``shuffle_buffer`` raw samples, seeded from (seed, epoch, slot)
     batch     ``batch_size`` raw samples at a time
-    decode    image (torchcodec, or PIL in JPEG draft mode for large JPEGs), text, labels; a bad
-              sample is counted and dropped
-    view      the view of each image, seeded from (seed, epoch, slot, position)
-    collate   uint8 images, token ids, labels, ``valid`` (False for padding in the last batch);
-              a worker writes the images into shared buffers it reuses (``shared_batches``)
+    decode    image (``decode.decode_rgb``), text, labels; a bad sample is counted and dropped
+    view      the view of each image, seeded from (seed, epoch, slot, position), written at once
+              into its row of the batch (in a worker, a shared buffer it reuses: ``shared_batches``)
+    collate   uint8 images, token ids, labels, ``valid`` (False for padding in the last batch)
 
 Everything random is a pure function of the seed, the epoch and a position, so a resumed stream
 replays the raw samples it already delivered (cheap: nothing is decoded) and continues with
@@ -20,6 +19,7 @@ exactly the batches an uninterrupted stream would have produced.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import json
@@ -48,6 +48,7 @@ from memetrain.errors import ConfigError, MemetrainError
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+SHUFFLE_DRAWS = 1024
 STOP_GRACE_SECONDS = 60  # a loader worker outlives SIGTERM / SIGUSR2 this long (see _outlive_stop_signals)
 
 
@@ -210,22 +211,29 @@ class _SlotDataset(IterableDataset):
         if not self.s.shuffle or self.s.shuffle_buffer <= 1:
             yield from items
             return
-        buffer = []
+        buffer, size = [], self.s.shuffle_buffer
+        picks = iter(())
         for item in items:
-            if len(buffer) < self.s.shuffle_buffer:
+            if len(buffer) < size:
                 buffer.append(item)
                 continue
-            pick = int(rng.integers(len(buffer)))
+            pick = next(picks, None)
+            if pick is None:  # drawn a block at a time: one draw per sample cost 3 µs
+                picks = iter(rng.integers(size, size=SHUFFLE_DRAWS).tolist())
+                pick = next(picks)
             buffer[pick], item = item, buffer[pick]
             yield item
         for pick in rng.permutation(len(buffer)):
             yield buffer[pick]
 
     def _batch(self, chunk: list, epoch: int, slot: int, position: int) -> tuple[dict[str, Any], int]:
-        keys, views, texts, labels, valid, dropped = [], [], [], [], [], 0
+        keys, texts, labels, valid, dropped = [], [], [], [], 0
+        if self.shared is not None:  # in a worker: the images go to the main process
+            self.shared.start()
+        images = _BatchImages(len(chunk), self.shared)
         for offset, (key, members, pad) in enumerate(chunk):
             try:
-                image, text, values = self.decoder(key, members)
+                image, text, values = self.decoder(key, members, images.next_row())
             except BadSample as bad:
                 log.warning("skipping bad %s", bad)
                 dropped += 1
@@ -236,8 +244,8 @@ class _SlotDataset(IterableDataset):
                 if self.view.random
                 else None
             )
+            images.add(key, self.view(image, rng))
             keys.append(key)
-            views.append(self.view(image, rng))
             texts.append(text)
             labels.append(values)
             valid.append(not pad)
@@ -246,12 +254,7 @@ class _SlotDataset(IterableDataset):
                 f"every sample of a batch was bad (first: {chunk[0][0]!r}); the shards need fixing"
             )
         batch: dict[str, Any] = {"id": keys, "text": texts, "bad_samples": dropped}
-        if self.shared is not None:  # in a worker: the images go to the main process
-            self.shared.start()
-        if isinstance(views[0], list):
-            batch["views"] = [_stack_channels_last(group, self.shared) for group in zip(*views)]
-        else:
-            batch["image"] = _stack_channels_last(views, self.shared)
+        batch.update(images.batched())
         if self.shared is not None:
             self.shared.finish(batch)
         # small arrays stay numpy until the main process (see _small_tensors)
@@ -260,6 +263,58 @@ class _SlotDataset(IterableDataset):
         if self.text_encoder is not None:
             batch["input_ids"], batch["attention_mask"] = self.text_encoder(texts)
         return batch, dropped
+
+
+class _BatchImages:
+    """A batch's images, each written into its row of the batch tensor as soon as its view is
+    made, while it is still in the CPU's cache (in a worker, straight into the shared buffer that
+    carries it to the main process). Rows are HWC, so the batch is channels last and each write a
+    plain copy. Once the batch's image size is known, :meth:`next_row` offers the next row to the
+    decoder: an image of that very size is decoded into it, and a view that returns it unchanged
+    (``Resize`` of an image packed at the view's size) costs no copy at all."""
+
+    def __init__(self, capacity: int, shared: SharedBatches | None):
+        self.capacity, self.shared = capacity, shared
+        self.count, self.multi_view = 0, False
+        self._buffers: list[torch.Tensor] = []  # per view of a sample: [capacity, H, W, C]
+
+    def next_row(self) -> torch.Tensor | None:
+        return self._buffers[0][self.count] if self._buffers and not self.multi_view else None
+
+    def add(self, key: str, view: torch.Tensor | list[torch.Tensor]) -> None:
+        images = view if isinstance(view, list) else [view]
+        if not self._buffers:
+            self.multi_view = isinstance(view, list)
+            self._buffers = [self._empty(image) for image in images]
+        for index, (buffer, image) in enumerate(zip(self._buffers, images, strict=True)):
+            row, hwc = buffer[self.count], image.permute(1, 2, 0)
+            if hwc.shape != row.shape or image.dtype != row.dtype:
+                which = f"image {index} of its views" if self.multi_view else "image"
+                raise StreamError(
+                    f"the view made a {tuple(image.shape)} {image.dtype} {which} of sample {key!r}, unlike "
+                    f"the {tuple(buffer[0].permute(2, 0, 1).shape)} {buffer.dtype} of the batch's first "
+                    "sample: a view must give every image one size and dtype"
+                )
+            if hwc.data_ptr() == row.data_ptr() and hwc.stride() == row.stride():
+                continue  # decoded into the row, passed through unchanged
+            if hwc.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+                hwc = hwc.clone()  # a view of the row itself (say, transposed) would be overwritten as read
+            row.copy_(hwc)
+        self.count += 1
+
+    def _empty(self, image: torch.Tensor) -> torch.Tensor:
+        channels, height, width = image.shape
+        shape = (self.capacity, height, width, channels)
+        return (
+            torch.empty(shape, dtype=image.dtype)
+            if self.shared is None
+            else self.shared.empty(shape, image.dtype)
+        )
+
+    def batched(self) -> dict[str, Any]:
+        """``image`` (or ``views``): ``[B, C, H, W]`` of the rows written, channels-last memory."""
+        tensors = [buffer[: self.count].permute(0, 3, 1, 2) for buffer in self._buffers]
+        return {"views": tensors} if self.multi_view else {"image": tensors[0]}
 
 
 @dataclass(frozen=True)
@@ -389,7 +444,7 @@ class MemeStream:
                 # its own generator: creating an iterator must not draw from the global torch RNG,
                 # or a resumed run's dropout would differ from an uninterrupted one's
                 generator=torch.Generator().manual_seed(s.seed),
-                worker_init_fn=_outlive_stop_signals,
+                worker_init_fn=_init_worker,
             )
         return self._loader
 
@@ -433,6 +488,7 @@ def _as_sent(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR2}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def _batches_from(loader: DataLoader) -> Iterator[dict[str, Any]]:
@@ -448,7 +504,25 @@ def _batches_from(loader: DataLoader) -> Iterator[dict[str, Any]]:
     return batches
 
 
-def _outlive_stop_signals(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
+    _outlive_stop_signals()
+    _keep_freed_memory()
+
+
+def _keep_freed_memory() -> None:
+    """Raise glibc's thresholds for handing freed memory back to the kernel. By default an
+    allocation over 128 KiB (one decoded 224 px image) gets its own mapping, and the heap is
+    trimmed whenever its free top passes twice that; a worker allocates and frees the same few
+    megabytes for every batch, so the kernel faulted in and zeroed their pages anew each time
+    (9 faults per sample). Kept, the pages are reused: a worker holds at most the trim threshold
+    of freed memory. Other C libraries have no ``mallopt`` and are left as they are."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+
+
+def _outlive_stop_signals() -> None:
     """Slurm signals every process of a job (SIGTERM on preemption, SIGUSR2 before its time limit),
     and the training checkpoints after its current step, for which it may still need batches: a
     worker so signalled keeps serving for STOP_GRACE_SECONDS, then SIGALRM ends it (torch's own
@@ -510,13 +584,3 @@ def split_labels(shards: str | Path, split: str) -> np.ndarray:
                 ) from None
             rows.append([labels.get(name, -1) for name in manifest.label_names])
     return np.asarray(rows, dtype=np.int64).reshape(len(rows), len(manifest.label_names))
-
-
-def _stack_channels_last(images: Sequence[torch.Tensor], shared: SharedBatches | None) -> torch.Tensor:
-    """``[B, 3, H, W]`` in channels-last memory: the images are HWC views, and stacking them in
-    their own layout is a plain copy (10x faster than gathering them into CHW order). In a
-    worker the stack is written straight into the shared buffer that carries it to the main process.
-    """
-    channels, height, width = images[0].shape
-    out = None if shared is None else shared.empty((len(images), height, width, channels), images[0].dtype)
-    return torch.stack([image.permute(1, 2, 0) for image in images], out=out).permute(0, 3, 1, 2)

@@ -14,7 +14,7 @@ from memetrain.data.decode import ImageTooLarge, decode_rgb
 
 
 def pil_reference(data: bytes, reduce_to: int | None) -> torch.Tensor:
-    """What the stream decoded before torchcodec: PIL, draft mode for JPEGs, RGB, HWC memory."""
+    """PIL's decode: draft mode for JPEGs twice the view size, RGB, HWC memory."""
     image = Image.open(io.BytesIO(data))
     if reduce_to and image.format == "JPEG":
         image.draft("RGB", (reduce_to, reduce_to))
@@ -31,8 +31,8 @@ def encoded(mode: str, size: tuple[int, int], fmt: str = "JPEG", **options) -> b
 
 
 def _counting(calls: list):
-    """torchcodec's decode_jpeg, counting its calls."""
-    real = decode.decode_jpeg
+    """simplejpeg's decode_jpeg, counting its calls."""
+    real = decode.simplejpeg.decode_jpeg
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -49,28 +49,54 @@ def _counting(calls: list):
         ("RGB", {"quality": 80, "subsampling": 1}),  # 4:2:2
         ("RGB", {"progressive": True}),
         ("L", {}),
-        ("CMYK", {}),
     ],
 )
-def test_small_jpegs_decode_to_the_pil_reference_through_torchcodec(mode, options, monkeypatch):
+def test_small_jpegs_decode_to_the_pil_reference_through_simplejpeg(mode, options, monkeypatch):
     calls = []
-    monkeypatch.setattr(decode, "decode_jpeg", _counting(calls))
+    monkeypatch.setattr(decode.simplejpeg, "decode_jpeg", _counting(calls))
     data = encoded(mode, (61, 47), **options)
     image = decode_rgb(data, 32)
-    assert calls, "a JPEG under twice the view size goes to torchcodec"
+    assert calls, "a JPEG under twice the view size goes to simplejpeg"
     assert image.shape == (3, 47, 61) and image.dtype == torch.uint8
     assert image.stride() == (1, 61 * 3, 3)  # HWC memory: batches stack with a plain copy
     assert torch.equal(image, pil_reference(data, 32))
 
 
-def test_large_jpegs_decode_in_draft_mode_as_the_reference(monkeypatch):
+def test_cmyk_jpegs_decode_through_pil_whose_conversion_differs(monkeypatch):
     calls = []
-    monkeypatch.setattr(decode, "decode_jpeg", _counting(calls))
+    monkeypatch.setattr(decode.simplejpeg, "decode_jpeg", _counting(calls))
+    data = encoded("CMYK", (61, 47))
+    assert torch.equal(decode_rgb(data, 32), pil_reference(data, 32)) and not calls
+
+
+def test_large_jpegs_decode_at_a_reduced_scale():
     data = encoded("RGB", (260, 140))
-    image = decode_rgb(data, 64)  # 140 // 64 = 2: libjpeg scales the DCT by 1/2
-    assert not calls and image.shape == (3, 70, 130)
+    image = decode_rgb(data, 64)  # 140 // 64 = 2: libjpeg scales the DCT by 1/2, as PIL's draft
+    assert image.shape == (3, 70, 130)
     assert torch.equal(image, pil_reference(data, 64))
     assert torch.equal(decode_rgb(data, None), pil_reference(data, None))  # no view size: full size
+    # finer steps than PIL's 1/2, 1/4, 1/8: 3/8 of 600 is 225, the smallest scale still >= 224
+    ramp = np.linspace(0, 255, 600, dtype=np.uint8)
+    smooth = Image.fromarray(np.stack([np.add.outer(ramp, ramp) // 2] * 3, axis=-1).astype(np.uint8))
+    buffer = io.BytesIO()
+    smooth.save(buffer, "JPEG", quality=95)
+    image = decode_rgb(buffer.getvalue(), 224)
+    assert image.shape == (3, 225, 225)
+    box = np.array(smooth.resize((225, 225), Image.Resampling.BOX), dtype=np.int16)
+    assert np.abs(image.permute(1, 2, 0).numpy().astype(np.int16) - box).mean() < 2
+
+
+def test_a_jpeg_of_the_rows_size_is_decoded_into_it_and_others_ignore_it():
+    data = encoded("RGB", (61, 47))
+    row = torch.zeros(47, 61, 3, dtype=torch.uint8)
+    image = decode_rgb(data, 32, out=row)
+    assert image.data_ptr() == row.data_ptr() and torch.equal(image, pil_reference(data, 32))
+    other = torch.zeros(47, 60, 3, dtype=torch.uint8)
+    image = decode_rgb(data, 32, out=other)
+    assert image.data_ptr() != other.data_ptr() and not other.any()
+    assert torch.equal(image, pil_reference(data, 32))
+    png = encoded("RGB", (61, 47), "PNG")
+    assert decode_rgb(png, 32, out=row).data_ptr() != row.data_ptr()  # only JPEGs decode in place
 
 
 def test_png_and_webp_decode_through_pil():
@@ -84,8 +110,13 @@ def test_oversize_truncated_and_garbage_images_are_refused(monkeypatch):
     data = encoded("RGB", (61, 47))
     with pytest.raises(ImageTooLarge, match="61x47, over the 2,866 pixel limit"):
         decode_rgb(data, 32)
+    png = encoded("RGB", (61, 47), "PNG")
+    with pytest.raises(ImageTooLarge, match="61x47"):
+        decode_rgb(png, 32)
     monkeypatch.undo()
-    with pytest.raises(RuntimeError, match="truncated"):
+    with pytest.raises(ValueError, match="Premature end of JPEG file"):
         decode_rgb(data[: len(data) // 2], 32)
-    with pytest.raises(UnidentifiedImageError):
+    with pytest.raises(ValueError, match="Could not determine subsampling"):
         decode_rgb(b"\xff\xd8\xff garbage", 32)
+    with pytest.raises(UnidentifiedImageError):
+        decode_rgb(b"GIF89a not really", 32)

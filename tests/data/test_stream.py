@@ -17,10 +17,13 @@ import numpy as np
 import pytest
 import torch
 
+from memetrain.data import decode
+from memetrain.data.decode import decode_rgb
 from memetrain.data.manifest import Manifest, ManifestError
+from memetrain.data.shard_reader import read_samples
 from memetrain.data.stream import MemeStream, StreamError, StreamSettings, epoch_plan
 from memetrain.data.tokenizer import TextEncoder
-from memetrain.data.transforms import Resize
+from memetrain.data.transforms import MultiCrop, Resize
 from tests.helpers import torchrun
 
 
@@ -265,6 +268,70 @@ def test_corrupt_images_are_counted_logged_and_dropped(synth_shards, tmp_path, c
     assert "image cannot be decoded" in caplog.text and "synth" in caplog.text
     with pytest.raises(StreamError, match="over max_bad_samples=1"):
         list(stream(root, "dev", batch_size=4, max_bad_samples=1))
+
+
+def packed_images(shards: Path, split: str) -> dict[str, bytes]:
+    manifest = Manifest.load(shards)
+    return {
+        key: members["jpg"]
+        for shard in manifest.split(split).shards
+        for key, members in read_samples(manifest.shard_path(shard), range(shard.samples))
+    }
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("size", [64, 32])  # the packed size (decoded into the batch), or resized
+def test_batch_rows_hold_each_samples_view_also_after_a_bad_sample(
+    synth_shards, tmp_path, monkeypatch, workers, size
+):
+    root = copy_pack(synth_shards, tmp_path / "copy")
+    in_place, decode_jpeg = [], decode.simplejpeg.decode_jpeg
+
+    def counted(data, *args, **kwargs):
+        in_place.append(kwargs.get("buffer") is not None)
+        return decode_jpeg(data, *args, **kwargs)
+
+    monkeypatch.setattr(decode.simplejpeg, "decode_jpeg", counted)  # seen here with workers=0
+
+    def truncate_second_image(members):  # decoded part-way into its row before it fails
+        second = [i for i, (name, _) in enumerate(members) if name.endswith(".jpg")][1]
+        members[second] = (members[second][0], members[second][1][:-300])
+        return members
+
+    rewrite_shard(root, "dev", truncate_second_image)
+    images, view = packed_images(root, "dev"), Resize(size)
+    s = stream(root, "dev", view, batch_size=4, num_workers=workers, shuffle=False)
+    batches = list(s)
+    assert s.bad_samples == 1 and len(ids_of(batches)) == len(images) - 1
+    for batch in batches:
+        assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+        for key, image in zip(batch["id"], batch["image"]):
+            assert torch.equal(image, view(decode_rgb(images[key], view.decode_size)))
+    if workers == 0:  # all but each batch's first image decode into their rows at the packed size
+        assert sum(in_place) == (len(images) - len(batches) if size == 64 else 0)
+
+
+def test_multi_view_batch_rows_hold_each_samples_views(synth_shards):
+    view = MultiCrop(global_size=32, local_size=16, local_crops=2)
+    batch = next(iter(stream(synth_shards, "dev", view, batch_size=4, seed=3)))
+    images = packed_images(synth_shards, "dev")
+    assert [tuple(v.shape) for v in batch["views"]] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
+    for offset, key in enumerate(batch["id"]):  # seeded from (seed, epoch, slot, position)
+        expected = view(decode_rgb(images[key], view.decode_size), np.random.default_rng([3, 0, 0, offset]))
+        assert all(torch.equal(views[offset], one) for views, one in zip(batch["views"], expected))
+
+
+def test_a_view_whose_size_varies_between_samples_is_a_clear_error(synth_shards):
+    class Uneven:
+        random, decode_size, calls = False, None, 0
+
+        def __call__(self, image, rng):
+            self.calls += 1
+            return image[:, :16, : 16 + self.calls % 2]
+
+    message = r"made a \(3, 16, 16\) torch.uint8 image of sample 'synth\d+', unlike the \(3, 16, 17\)"
+    with pytest.raises(StreamError, match=message + ".*a view must give every image one size"):
+        next(iter(stream(synth_shards, "dev", Uneven(), batch_size=4)))
 
 
 def test_members_with_foreign_extensions_are_never_decoded(synth_shards, tmp_path, caplog):
