@@ -17,6 +17,7 @@ from memetrain.fileio import atomic_write_json
 
 SCHEMA_VERSION = 1
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar$")
+_TOKENS_NAME = re.compile(r"^[A-Za-z0-9_]+\.tokens\.npz$")
 _URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*:/)")
 """A pipe: command or a URL (``https://``, ``s3://``; also as a Path has folded it to ``https:/``)."""
 MANIFEST_NAME = "manifest.json"
@@ -39,6 +40,7 @@ class SplitInfo:
     shards: list[ShardInfo] = field(default_factory=list)
     label_histogram: dict[str, dict[str, int]] = field(default_factory=dict)
     unlabeled: int = 0
+    tokens: ShardInfo | None = None  # the TokenTable of the split's texts (``samples``: its rows)
 
     @property
     def samples(self) -> int:
@@ -54,6 +56,7 @@ class Manifest:
     splits: dict[str, SplitInfo]
     rejected: list[dict[str, Any]]
     tokenizer: str | None
+    tokenizer_sha256: str | None = None  # of the tokenizer whose ids the splits' token tables hold
     schema_version: int = SCHEMA_VERSION
     root: Path | None = field(default=None, compare=False)
 
@@ -83,6 +86,7 @@ class Manifest:
                     shards=[ShardInfo(**shard) for shard in split["shards"]],
                     label_histogram=split["label_histogram"],
                     unlabeled=split["unlabeled"],
+                    tokens=ShardInfo(**split["tokens"]) if split.get("tokens") else None,  # older packs: none
                 )
                 for name, split in raw["splits"].items()
             }
@@ -94,6 +98,7 @@ class Manifest:
                 splits=splits,
                 rejected=raw["rejected"],
                 tokenizer=raw["tokenizer"],
+                tokenizer_sha256=raw.get("tokenizer_sha256"),
                 root=directory,
             )
         except ManifestError:
@@ -128,6 +133,27 @@ class Manifest:
                 "memetrain reads shards only from the manifest's own directory (no pipe:, URLs or paths)"
             )
         return self.root / shard.name
+
+    def tokens_path(self, split: str) -> Path | None:
+        """The split's token table (see ``tokenizer.TokenTable``) checked as a shard would be, or
+        None for a pack without one."""
+        info = self.split(split).tokens
+        if info is None:
+            return None
+        if not _TOKENS_NAME.match(info.name):
+            raise ManifestError(
+                f"token table name {info.name!r} in {self.root}/{MANIFEST_NAME} is not a file name in that "
+                "directory; re-pack"
+            )
+        path = self.root / info.name
+        if not path.is_file() or path.stat().st_size != info.bytes:
+            raise ManifestError(
+                f"token table {path} is missing or not the {info.bytes} bytes the manifest lists; re-pack, or "
+                "restore it from the pack"
+            )
+        if file_sha256(path) != info.sha256:
+            raise ManifestError(f"token table {path} does not match its sha256 in the manifest; re-pack")
+        return path
 
     def verify(self, split: str, checksums: bool = True) -> None:
         """Every shard of ``split`` exists with its recorded size (and sha256 when ``checksums``)."""

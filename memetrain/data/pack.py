@@ -1,4 +1,5 @@
-"""Pack a source into WebDataset shards plus ``manifest.json`` (and ``tokenizer.json``).
+"""Pack a source into WebDataset shards plus ``manifest.json`` (and ``tokenizer.json`` with each
+split's texts encoded by it, ``<split>.tokens.npz``).
 
 Each sample is ``<id>.jpg|png`` (image bytes), ``<id>.txt`` (text), ``<id>.json`` (labels, split,
 source, metadata) and ``<id>.cls`` (the main label; absent when unlabeled). Shards are written as
@@ -24,18 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from memetrain.data import images
-from memetrain.data.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardInfo, SplitInfo
+from memetrain.data.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardInfo, SplitInfo, file_sha256
 from memetrain.data.records import IMAGE_FORMATS, Entry, MemeRecord, Rejected, Source, check_id, check_text
-from memetrain.data.tokenizer import train_wordpiece
+from memetrain.data.tokenizer import TokenTable, train_wordpiece
 from memetrain.errors import ConfigError, MemetrainError
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_NAME = "tokenizer.json"
 SHARD_PATTERN = re.compile(r"^\.?[A-Za-z0-9_]+-\d{6}\.tar(\.tmp)?$")
+TOKENS_SUFFIX = ".tokens.npz"
 TOKENIZER_SPLITS = ("train", "unlabeled")
 """Splits whose texts train the packed tokenizer (never dev or test)."""
 
@@ -200,7 +203,7 @@ def _write(
     entries = _validated_entries(source, summary.rejected)
     histograms: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     unlabeled: Counter = Counter()
-    train_texts: list[str] = []
+    texts: dict[str, list[str]] = defaultdict(list)  # per split, in manifest order
     for result in tqdm(_load_all(source, entries, options), total=len(entries), desc="pack", unit="meme"):
         if isinstance(result, Rejected):
             summary.rejected.append(result.as_dict())
@@ -211,8 +214,7 @@ def _write(
         for name, value in record.labels.items():
             histograms[record.split][name][str(value)] += 1
         unlabeled[record.split] += not record.is_labeled
-        if record.split in TOKENIZER_SPLITS:
-            train_texts.append(record.text)
+        texts[record.split].append(record.text)
     for writer in writers.values():
         writer.close()
     summary.seconds = time.perf_counter() - start
@@ -228,10 +230,12 @@ def _write(
             f"no meme could be packed from {source.name}: all {len(summary.rejected)} were rejected"
         )
 
-    tokenizer = None
-    if train_texts:
+    train_texts = [text for split in TOKENIZER_SPLITS for text in texts.get(split, [])]
+    tokenizer = (
         train_wordpiece(train_texts, options.tokenizer_vocab_size, root / TOKENIZER_NAME)
-        tokenizer = TOKENIZER_NAME
+        if train_texts
+        else None
+    )
     manifest = Manifest(
         source=source.name,
         label_names=list(source.label_names),
@@ -242,14 +246,22 @@ def _write(
                 shards=writer.shards,
                 label_histogram={n: dict(sorted(c.items())) for n, c in histograms[split].items()},
                 unlabeled=unlabeled[split],
+                tokens=_token_table(root, split, texts[split], tokenizer) if tokenizer else None,
             )
             for split, writer in sorted(writers.items())
         },
         rejected=summary.rejected,
-        tokenizer=tokenizer,
+        tokenizer=TOKENIZER_NAME if tokenizer else None,
+        tokenizer_sha256=file_sha256(root / TOKENIZER_NAME) if tokenizer else None,
     )
     manifest.write(root)
     return summary
+
+
+def _token_table(root: Path, split: str, texts: list[str], tokenizer: Tokenizer) -> ShardInfo:
+    path = root / f"{split}{TOKENS_SUFFIX}"
+    TokenTable.encode(tokenizer, texts).save(path)
+    return ShardInfo(path.name, len(texts), path.stat().st_size, file_sha256(path))
 
 
 def _validated_entries(source: Source, rejected: list[dict[str, Any]]) -> list[Entry]:
@@ -345,5 +357,5 @@ def _remove_previous_pack(root: Path) -> None:
     (root / MANIFEST_NAME).unlink(missing_ok=True)
     (root / TOKENIZER_NAME).unlink(missing_ok=True)
     for path in root.iterdir():
-        if SHARD_PATTERN.match(path.name):
+        if SHARD_PATTERN.match(path.name) or path.name.endswith(TOKENS_SUFFIX):
             path.unlink()

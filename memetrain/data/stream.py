@@ -42,7 +42,7 @@ from memetrain.data.decode import BadSample, SampleDecoder
 from memetrain.data.manifest import Manifest
 from memetrain.data.shard_reader import ShardFormatError, read_samples
 from memetrain.data.shared_batches import TICKET, BatchReturns, SharedBatches
-from memetrain.data.tokenizer import TextEncoder
+from memetrain.data.tokenizer import TextEncoder, TokenTable
 from memetrain.errors import ConfigError, MemetrainError
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,8 @@ class _SlotDataset(IterableDataset):
         self.s = stream.settings
         self.rank, self.world_size = stream.rank, stream.world_size
         self.decoder = SampleDecoder(stream.manifest.label_names, stream.view.decode_size)
-        self.view, self.text_encoder = stream.view, stream.text_encoder
+        self.view, self.text_encoder, self.tokens = stream.view, stream.text_encoder, stream.tokens
+        self.shard_starts = stream.shard_starts
         self.epoch, self.skip = stream._shared_epoch, stream._shared_skip
         self.released, self.mapped, self.ring_depth = stream._released, stream._mapped, stream.ring_depth
         self.shared: SharedBatches | None = None  # made in each worker process
@@ -200,12 +201,14 @@ class _SlotDataset(IterableDataset):
                 )
             yield batch
 
-    def _read(self, segments: list[Segment]) -> Iterator[tuple[str, dict[str, bytes], bool]]:
+    def _read(self, segments: list[Segment]) -> Iterator[tuple[str, dict[str, bytes], bool, int]]:
+        """(key, members, pad, index in the stream's splits) of each planned sample."""
         for segment in segments:
             path, positions = self.shard_paths[segment.shard], self.shard_positions[segment.shard]
+            positions, start = positions[segment.start : segment.stop], self.shard_starts[segment.shard]
             verified = self.s.verify_checksums  # the stream checked every shard's sha256 when it was made
-            for key, members in _samples(path, positions[segment.start : segment.stop], verified=verified):
-                yield key, members, segment.pad
+            for position, (key, members) in zip(positions, _samples(path, positions, verified=verified)):
+                yield key, members, segment.pad, start + int(position)
 
     def _shuffled(self, items: Iterator, rng: np.random.Generator) -> Iterator:
         if not self.s.shuffle or self.s.shuffle_buffer <= 1:
@@ -227,11 +230,11 @@ class _SlotDataset(IterableDataset):
             yield buffer[pick]
 
     def _batch(self, chunk: list, epoch: int, slot: int, position: int) -> tuple[dict[str, Any], int]:
-        keys, texts, labels, valid, dropped = [], [], [], [], 0
+        keys, texts, indices, labels, valid, dropped = [], [], [], [], [], 0
         if self.shared is not None:  # in a worker: the images go to the main process
             self.shared.start()
         images = _BatchImages(len(chunk), self.shared)
-        for offset, (key, members, pad) in enumerate(chunk):
+        for offset, (key, members, pad, index) in enumerate(chunk):
             try:
                 image, text, values = self.decoder(key, members, images.next_row())
             except BadSample as bad:
@@ -247,6 +250,7 @@ class _SlotDataset(IterableDataset):
             images.add(key, self.view(image, rng))
             keys.append(key)
             texts.append(text)
+            indices.append(index)
             labels.append(values)
             valid.append(not pad)
         if not keys:
@@ -260,7 +264,11 @@ class _SlotDataset(IterableDataset):
         # small arrays stay numpy until the main process (see _small_tensors)
         batch["labels"] = np.asarray(labels, dtype=np.int64)
         batch["valid"] = np.asarray(valid, dtype=bool)
-        if self.text_encoder is not None:
+        if self.tokens is not None:
+            batch["input_ids"], batch["attention_mask"] = self.text_encoder.pad(
+                [self.tokens[i] for i in indices]
+            )
+        elif self.text_encoder is not None:
             batch["input_ids"], batch["attention_mask"] = self.text_encoder(texts)
         return batch, dropped
 
@@ -365,6 +373,8 @@ class MemeStream:
         for name in splits:
             self.manifest.verify(name, checksums=settings.verify_checksums)
         shard_infos = [shard for name in splits for shard in self.manifest.split(name).shards]
+        self.shard_starts = np.cumsum([0] + [shard.samples for shard in shard_infos[:-1]]).tolist()
+        self.tokens = _packed_tokens(self.manifest, splits, text_encoder)
         self.shard_paths = [self.manifest.shard_path(shard) for shard in shard_infos]
         self.shard_positions = _positions_per_shard([shard.samples for shard in shard_infos], subset)
         self.shard_sizes = [len(positions) for positions in self.shard_positions]
@@ -542,6 +552,29 @@ def _outlive_stop_signals() -> None:
 
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # already so when forked by _batches_from
     threading.Thread(target=take_signals, name="stop-signals", daemon=True).start()
+
+
+def _packed_tokens(manifest: Manifest, splits: list[str], encoder: TextEncoder | None) -> TokenTable | None:
+    """The splits' texts as the pack encoded them, when ``encoder`` would encode them the same:
+    it is the packed tokenizer file itself (same sha256) and does not clean the texts."""
+    if (
+        encoder is None
+        or encoder.clean
+        or encoder.sha256 is None
+        or encoder.sha256 != manifest.tokenizer_sha256
+    ):
+        return None
+    paths = [manifest.tokens_path(split) for split in splits]
+    if None in paths:
+        return None
+    tables = [TokenTable.load(path) for path in paths]
+    for split, table in zip(splits, tables):
+        if len(table) != manifest.split(split).samples:
+            raise StreamError(
+                f"the token table of split {split!r} has {len(table)} rows for its "
+                f"{manifest.split(split).samples} samples; re-pack"
+            )
+    return tables[0] if len(tables) == 1 else TokenTable.concatenate(tables)
 
 
 def _positions_per_shard(sizes: list[int], subset: Sequence[int] | None) -> list[Sequence[int]]:

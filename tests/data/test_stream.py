@@ -218,6 +218,44 @@ def test_text_encoder_from_the_packed_tokenizer(synth_shards):
     assert encoder._fast.token_to_id("[UNK]") not in batch["input_ids"][0, 1:6].tolist()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stored_token_ids_are_padded_to_what_the_encoder_makes_of_the_texts(synth_shards, workers):
+    encoder = TextEncoder(synth_shards / "tokenizer.json", max_length=12)
+    settings = StreamSettings(batch_size=8, num_workers=workers)
+    s = MemeStream(synth_shards, ["train", "unlabeled"], settings, Resize(32), encoder)
+    assert s.tokens is not None  # the packed tokenizer, uncleaned: the pack's ids are its ids
+    batches = list(s)
+    assert sum(len(batch["text"]) for batch in batches) >= s.num_samples
+    for batch in batches:
+        ids, mask = encoder(batch["text"])
+        assert (
+            batch["input_ids"].tolist() == ids.tolist() and batch["attention_mask"].tolist() == mask.tolist()
+        )
+
+
+def test_texts_are_tokenised_when_the_stored_ids_are_not_the_encoders(synth_shards, tmp_path):
+    from memetrain.data.tokenizer import train_wordpiece
+
+    train_wordpiece(["other words entirely"] * 5, 50, tmp_path / "other.json")
+    older = copy_pack(synth_shards, tmp_path / "older")  # as packed before token tables existed
+    raw = json.loads((older / "manifest.json").read_text())
+    for split in raw["splits"].values():
+        del split["tokens"]
+    del raw["tokenizer_sha256"]
+    (older / "manifest.json").write_text(json.dumps(raw))
+    packed = synth_shards / "tokenizer.json"
+    cases = [
+        (synth_shards, TextEncoder(packed, 12, clean=True)),
+        (synth_shards, TextEncoder(tmp_path / "other.json", 12)),
+        (older, TextEncoder(older / "tokenizer.json", 12)),
+    ]
+    for shards, encoder in cases:
+        s = MemeStream(shards, "dev", StreamSettings(batch_size=4, num_workers=0), Resize(32), encoder)
+        batch = next(iter(s))
+        assert s.tokens is None
+        assert batch["input_ids"].tolist() == encoder(batch["text"])[0].tolist()
+
+
 # bad shards and samples -------------------------------------------------------------------------
 
 

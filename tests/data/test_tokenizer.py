@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from memetrain.data.tokenizer import TextEncoder, clean_text, train_wordpiece
+from memetrain.data.tokenizer import TextEncoder, TokenTable, clean_text, train_wordpiece
 from memetrain.errors import ConfigError
 
 TEXTS = ["when the round ones show up", "nobody likes the boxy ones", "check https://x.io #memes now!"] * 20
@@ -41,3 +42,28 @@ def test_cleaning_removes_urls_hashtags_and_punctuation():
 def test_missing_tokenizer_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="tokenizer .* not found"):
         TextEncoder(tmp_path / "nope.json", max_length=8)
+
+
+@pytest.mark.parametrize("max_length", [2, 3, 8, 64])
+def test_padding_stored_encodings_gives_what_encoding_the_texts_gives(tmp_path, max_length):
+    tokenizer = train_wordpiece(TEXTS, 200, tmp_path / "tokenizer.json")
+    rng = np.random.default_rng(0)
+    words = " ".join(TEXTS).split() + ["zzyzx", "unseen!"]
+    texts = [" ".join(rng.choice(words, size=n)) for n in (1, 2, 5, 6, 7, 30, 90)] + ["?"]
+    table = TokenTable.concatenate(
+        [TokenTable.encode(tokenizer, texts[:3]), TokenTable.encode(tokenizer, texts[3:])]
+    )
+    assert [table[i].tolist() for i in range(len(table))] == [tokenizer.encode(t).ids for t in texts]
+    encoder = TextEncoder(tmp_path / "tokenizer.json", max_length=max_length)
+    ids, mask = encoder.pad([table[i] for i in range(len(table))])
+    expected_ids, expected_mask = encoder(texts)
+    assert ids.dtype == expected_ids.dtype == np.int64
+    assert ids.tolist() == expected_ids.tolist() and mask.tolist() == expected_mask.tolist()
+
+
+def test_a_token_table_round_trips_through_its_file_without_pickle(tmp_path):
+    table = TokenTable(np.arange(7, dtype=np.int32), np.array([0, 3, 3, 7]))
+    table.save(tmp_path / "dev.tokens.npz")
+    loaded = TokenTable.load(tmp_path / "dev.tokens.npz")
+    assert len(loaded) == 3 and [loaded[i].tolist() for i in range(3)] == [[0, 1, 2], [], [3, 4, 5, 6]]
+    assert not list(tmp_path.glob(".*tmp"))
