@@ -10,7 +10,8 @@ The pipeline, for one (rank, worker) "slot" and one epoch::
     decode    image (``decode.decode_rgb``), text, labels; a bad sample is counted and dropped
     view      the view of each image, seeded from (seed, epoch, slot, position), written at once
               into its row of the batch (in a worker, a shared buffer it reuses: ``shared_batches``)
-    collate   uint8 images, token ids, labels, ``valid`` (False for padding in the last batch)
+    collate   uint8 images, token ids (the pack's, padded, when the encoder is the packed
+              tokenizer), labels, ``valid`` (False for padding in the last batch)
 
 Everything random is a pure function of the seed, the epoch and a position, so a resumed stream
 replays the raw samples it already delivered (cheap: nothing is decoded) and continues with
@@ -517,6 +518,8 @@ def _batches_from(loader: DataLoader) -> Iterator[dict[str, Any]]:
 def _init_worker(worker_id: int) -> None:
     _outlive_stop_signals()
     _keep_freed_memory()
+    # the workers are the parallelism: a tokenizer's own threads would only compete with them
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _keep_freed_memory() -> None:
