@@ -517,12 +517,12 @@ def _batches_from(loader: DataLoader) -> Iterator[dict[str, Any]]:
 
 def _init_worker(worker_id: int) -> None:
     _outlive_stop_signals()
-    _keep_freed_memory()
+    keep_freed_memory()
     # the workers are the parallelism: a tokenizer's own threads would only compete with them
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _keep_freed_memory() -> None:
+def keep_freed_memory() -> None:
     """Raise glibc's thresholds for handing freed memory back to the kernel. By default an
     allocation over 128 KiB (one decoded 224 px image) gets its own mapping, and the heap is
     trimmed whenever its free top passes twice that; a worker allocates and frees the same few
