@@ -108,6 +108,8 @@ class TextEncoder:
                 f"tokenizer {path} not found: pack the shards (it writes tokenizer.json) or point "
                 "data.tokenizer at a local Hugging Face tokenizer directory"
             )
+        if max_length < 2:
+            raise ConfigError(f"data.max_length={max_length}: give at least 2 (room for [CLS] and [SEP])")
         self.max_length = max_length
         self.clean = clean
         self.sha256 = None if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()

@@ -42,6 +42,9 @@ def test_cleaning_removes_urls_hashtags_and_punctuation():
 def test_missing_tokenizer_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="tokenizer .* not found"):
         TextEncoder(tmp_path / "nope.json", max_length=8)
+    train_wordpiece(TEXTS, 200, tmp_path / "tokenizer.json")
+    with pytest.raises(ConfigError, match="max_length=1: give at least 2"):
+        TextEncoder(tmp_path / "tokenizer.json", max_length=1)
 
 
 @pytest.mark.parametrize("max_length", [2, 3, 8, 64])
