@@ -218,11 +218,11 @@ def test_text_encoder_from_the_packed_tokenizer(synth_shards):
     assert encoder._fast.token_to_id("[UNK]") not in batch["input_ids"][0, 1:6].tolist()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_stored_token_ids_are_padded_to_what_the_encoder_makes_of_the_texts(synth_shards, workers):
+@pytest.mark.parametrize("workers, subset", [(0, None), (2, None), (0, range(3, 200, 7))])
+def test_stored_token_ids_are_padded_to_what_the_encoder_makes_of_the_texts(synth_shards, workers, subset):
     encoder = TextEncoder(synth_shards / "tokenizer.json", max_length=12)
     settings = StreamSettings(batch_size=8, num_workers=workers)
-    s = MemeStream(synth_shards, ["train", "unlabeled"], settings, Resize(32), encoder)
+    s = MemeStream(synth_shards, ["train", "unlabeled"], settings, Resize(32), encoder, subset=subset)
     assert s.tokens is not None  # the packed tokenizer, uncleaned: the pack's ids are its ids
     batches = list(s)
     assert sum(len(batch["text"]) for batch in batches) >= s.num_samples
