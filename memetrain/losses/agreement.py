@@ -20,6 +20,7 @@ is our optional guard against that (``method.variance_weight``; 0 is the paper's
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,12 @@ def variance_hinge(z: Tensor, target: float = 0.5) -> Tensor:
     return F.relu(target - std).mean()
 
 
+def mean_variance_hinge(branches: Sequence[Tensor]) -> Tensor:
+    """:func:`variance_hinge` averaged over branches (each ``[B, D]``): the ``variance_loss`` of
+    CASS and CASS-MM before its weight."""
+    return sum(map(variance_hinge, branches)) / len(branches)
+
+
 class CassMMLoss(nn.Module):
     """CASS-MM: CASS between the image and the text of a meme, plus optionally CASS between two image nets.
 
@@ -76,8 +83,5 @@ class CassMMLoss(nn.Module):
         if len(images) == 2:
             losses["unimodal_loss"] = self.unimodal_weight * cosine_agreement_loss(*images)  # []
         if self.variance_weight > 0:
-            branches = [*images, text]
-            losses["variance_loss"] = (
-                self.variance_weight * sum(map(variance_hinge, branches)) / len(branches)
-            )
+            losses["variance_loss"] = self.variance_weight * mean_variance_hinge([*images, text])
         return losses

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memetrain.errors import ConfigError
-from memetrain.losses.agreement import cosine_agreement_loss, variance_hinge
+from memetrain.losses.agreement import cosine_agreement_loss, mean_variance_hinge
 from memetrain.losses.monitor import embedding_std
 from memetrain.methods.base import Batch, Method
 from memetrain.methods.registry import DataInfo, register
@@ -132,9 +132,7 @@ class Cass(Method):
         report = {f"embedding_std_{b}": embedding_std(z[b]) for b in z}
         losses = {"agreement_loss": cosine_agreement_loss(z["cnn"], z["vit"])}
         if self.variance_weight > 0:
-            losses["variance_loss"] = (
-                self.variance_weight * (variance_hinge(z["cnn"]) + variance_hinge(z["vit"])) / 2
-            )
+            losses["variance_loss"] = self.variance_weight * mean_variance_hinge([z["cnn"], z["vit"]])
         return losses, report
 
     def embed(self, batch: Batch) -> Tensor:
