@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -31,6 +32,11 @@ def user_errors_exit(main: Callable[[DictConfig], None]) -> Callable[[DictConfig
             main(cfg)
         except MemetrainError as err:
             print(f"error: {err}", file=sys.stderr)
+            if not err.safe_teardown:
+                logging.shutdown()  # flushes the run's log files
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             sys.exit(2)
 
     return wrapped

@@ -3,7 +3,12 @@ anything else is a bug and keeps its traceback."""
 
 
 class MemetrainError(Exception):
-    """Base of every user-facing error: the message names the file, record or option and the fix."""
+    """Base of every user-facing error: the message names the file, record or option and the fix.
+
+    ``safe_teardown``: whether the process may still run the interpreter's normal exit after it;
+    entry points end one that may not at once, once its message and logs are flushed."""
+
+    safe_teardown = True
 
 
 class ConfigError(MemetrainError, ValueError):

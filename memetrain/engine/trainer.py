@@ -157,6 +157,9 @@ class Trainer:
                     self.save()
                 if signal_name := stop.agreed(self.accelerator):
                     self._stop(signal_name, saved)
+        except BaseException:
+            self.logger.close()  # the events so far reach TensorBoard whatever ends the process
+            raise
         finally:
             stop.restore()
             progress.close()
