@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from memetrain.data.manifest import MANIFEST_NAME, file_sha256
 from memetrain.data.pack import PackOptions, pack
+from memetrain.data.sample_index import SampleIndex
 from memetrain.data.sources.synth import SynthMemes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,6 +18,22 @@ def pack_synth(output: Path, count: int = 240, image_size: int = 64, per_shard: 
     options = dict(count=count, image_size=image_size, seed=0, **source)
     pack(SynthMemes(**options), output, PackOptions(max_samples_per_shard=per_shard, workers=1), options)
     return output
+
+
+def agree_manifest(root: Path, split: str, reindex: bool = True) -> None:
+    """Make the manifest at ``root`` list ``split``'s shards as they are now (sizes, sha256) and,
+    with ``reindex``, give the split a sample index made anew from them: a pack that agrees with
+    itself, as one written by another tool would. Without ``reindex`` the index is the old one."""
+    raw = json.loads((root / MANIFEST_NAME).read_text())
+    entry = raw["splits"][split]
+    paths = [root / shard["name"] for shard in entry["shards"]]
+    for shard, path in zip(entry["shards"], paths):
+        shard["bytes"], shard["sha256"] = path.stat().st_size, file_sha256(path)
+    if reindex:
+        index, path = SampleIndex.from_shards(paths, raw["label_names"]), root / entry["index"]["name"]
+        index.save(path)
+        entry["index"].update(samples=len(index), bytes=path.stat().st_size, sha256=file_sha256(path))
+    (root / MANIFEST_NAME).write_text(json.dumps(raw))
 
 
 def train_stream(shards: Path, split, text_encoder=None, batch_size: int = 16, subset=None):

@@ -15,9 +15,9 @@ from typing import Any
 from memetrain.errors import MemetrainError
 from memetrain.fileio import atomic_write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: every split has a sample index
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar$")
-_TOKENS_NAME = re.compile(r"^[A-Za-z0-9_]+\.tokens\.npz$")
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9_]+\.(index|tokens)\.npz$")  # a split's sample index or token table
 _URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*:/)")
 """A pipe: command or a URL (``https://``, ``s3://``; also as a Path has folded it to ``https:/``)."""
 MANIFEST_NAME = "manifest.json"
@@ -37,10 +37,11 @@ class ShardInfo:
 
 @dataclass
 class SplitInfo:
-    shards: list[ShardInfo] = field(default_factory=list)
+    shards: list[ShardInfo]
+    index: ShardInfo  # the SampleIndex of the split's shards (``samples``: its rows)
     label_histogram: dict[str, dict[str, int]] = field(default_factory=dict)
     unlabeled: int = 0
-    tokens: ShardInfo | None = None  # the TokenTable of the split's texts (``samples``: its rows)
+    tokens: ShardInfo | None = None  # the TokenTable of the split's texts, when a tokenizer was packed
 
     @property
     def samples(self) -> int:
@@ -86,7 +87,8 @@ class Manifest:
                     shards=[ShardInfo(**shard) for shard in split["shards"]],
                     label_histogram=split["label_histogram"],
                     unlabeled=split["unlabeled"],
-                    tokens=ShardInfo(**split["tokens"]) if split.get("tokens") else None,  # older packs: none
+                    index=ShardInfo(**split["index"]),
+                    tokens=ShardInfo(**split["tokens"]) if split["tokens"] else None,
                 )
                 for name, split in raw["splits"].items()
             }
@@ -98,7 +100,7 @@ class Manifest:
                 splits=splits,
                 rejected=raw["rejected"],
                 tokenizer=raw["tokenizer"],
-                tokenizer_sha256=raw.get("tokenizer_sha256"),
+                tokenizer_sha256=raw["tokenizer_sha256"],
                 root=directory,
             )
         except ManifestError:
@@ -134,25 +136,30 @@ class Manifest:
             )
         return self.root / shard.name
 
+    def index_path(self, split: str) -> Path:
+        """The split's sample index (see ``sample_index.SampleIndex``), checked as a shard would be."""
+        return self._table_path(self.split(split).index, "sample index")
+
     def tokens_path(self, split: str) -> Path | None:
         """The split's token table (see ``tokenizer.TokenTable``) checked as a shard would be, or
-        None for a pack without one."""
+        None for a pack without a tokenizer."""
         info = self.split(split).tokens
-        if info is None:
-            return None
-        if not _TOKENS_NAME.match(info.name):
+        return None if info is None else self._table_path(info, "token table")
+
+    def _table_path(self, info: ShardInfo, what: str) -> Path:
+        if not _TABLE_NAME.match(info.name):
             raise ManifestError(
-                f"token table name {info.name!r} in {self.root}/{MANIFEST_NAME} is not a file name in that "
+                f"{what} name {info.name!r} in {self.root}/{MANIFEST_NAME} is not a file name in that "
                 "directory; re-pack"
             )
         path = self.root / info.name
         if not path.is_file() or path.stat().st_size != info.bytes:
             raise ManifestError(
-                f"token table {path} is missing or not the {info.bytes} bytes the manifest lists; re-pack, or "
+                f"{what} {path} is missing or not the {info.bytes} bytes the manifest lists; re-pack, or "
                 "restore it from the pack"
             )
         if file_sha256(path) != info.sha256:
-            raise ManifestError(f"token table {path} does not match its sha256 in the manifest; re-pack")
+            raise ManifestError(f"{what} {path} does not match its sha256 in the manifest; re-pack")
         return path
 
     def verify(self, split: str, checksums: bool = True) -> None:

@@ -1,5 +1,6 @@
-"""Pack a source into WebDataset shards plus ``manifest.json`` (and ``tokenizer.json`` with each
-split's texts encoded by it, ``<split>.tokens.npz``).
+"""Pack a source into WebDataset shards plus ``manifest.json``, a sample index per split
+(``<split>.index.npz``) and ``tokenizer.json`` with each split's texts encoded by it
+(``<split>.tokens.npz``).
 
 Each sample is ``<id>.jpg|png`` (image bytes), ``<id>.txt`` (text), ``<id>.json`` (labels, split,
 source, metadata) and ``<id>.cls`` (the main label; absent when unlabeled). Shards are written as
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from memetrain.data import images
 from memetrain.data.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardInfo, SplitInfo, file_sha256
 from memetrain.data.records import IMAGE_FORMATS, Entry, MemeRecord, Rejected, Source, check_id, check_text
+from memetrain.data.sample_index import INDEX_SUFFIX, SampleIndex
 from memetrain.data.tokenizer import TokenTable, train_wordpiece
 from memetrain.errors import ConfigError, MemetrainError
 
@@ -244,6 +246,7 @@ def _write(
         splits={
             split: SplitInfo(
                 shards=writer.shards,
+                index=_sample_index(root, split, writer.shards, source.label_names),
                 label_histogram={n: dict(sorted(c.items())) for n, c in histograms[split].items()},
                 unlabeled=unlabeled[split],
                 tokens=_token_table(root, split, texts[split], tokenizer) if tokenizer else None,
@@ -256,6 +259,17 @@ def _write(
     )
     manifest.write(root)
     return summary
+
+
+def _sample_index(root: Path, split: str, shards: list[ShardInfo], label_names: list[str]) -> ShardInfo:
+    path = root / f"{split}{INDEX_SUFFIX}"
+    index = SampleIndex.from_shards([root / shard.name for shard in shards], label_names)
+    if index.shard_samples.tolist() != [shard.samples for shard in shards] or (index.problems != "").any():
+        raise PackError(
+            f"the shards of split {split!r} do not read back as written (a bug: please report it)"
+        )
+    index.save(path)
+    return ShardInfo(path.name, len(index), path.stat().st_size, file_sha256(path))
 
 
 def _token_table(root: Path, split: str, texts: list[str], tokenizer: Tokenizer) -> ShardInfo:
@@ -357,5 +371,5 @@ def _remove_previous_pack(root: Path) -> None:
     (root / MANIFEST_NAME).unlink(missing_ok=True)
     (root / TOKENIZER_NAME).unlink(missing_ok=True)
     for path in root.iterdir():
-        if SHARD_PATTERN.match(path.name) or path.name.endswith(TOKENS_SUFFIX):
+        if SHARD_PATTERN.match(path.name) or path.name.endswith((INDEX_SUFFIX, TOKENS_SUFFIX)):
             path.unlink()

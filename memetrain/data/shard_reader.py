@@ -1,22 +1,21 @@
-"""Read samples out of a WebDataset tar shard without Python's ``tarfile``.
+"""The members of a WebDataset tar shard, read without Python's ``tarfile``.
 
 ``tarfile`` builds a ``TarInfo`` per member (every field converted, an extraction file object per
-read): for a 224 px meme that cost as much as decoding its JPEG. Here each 512-byte header yields
-only what a shard needs, the member's name (ustar prefix, GNU long name, pax ``path``), its size
-(octal, base-256 or pax ``size``) and its type; the header checksum is verified as ``tarfile``
-does, members nobody asked for are seeked past, and a file that ends before the end-of-archive
-marker is refused as truncated. Sparse members, which no WebDataset writer produces, are refused.
+read). Here each 512-byte header yields only what a shard needs, the member's name (ustar
+prefix, GNU long name, pax ``path``), its size (octal, base-256 or pax ``size``) and its type;
+the header checksum is verified as ``tarfile`` does, data nobody reads is seeked past, and a file
+that ends before the end-of-archive marker is refused as truncated. Sparse members, which no
+WebDataset writer produces, are refused.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 from typing import BinaryIO
 
 MAX_MEMBER_BYTES = 64 << 20
-"""A larger member is never read: its sample gets an empty payload, which the decoder reports."""
+"""A larger member is never read: its sample is recorded as one that cannot be streamed."""
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -30,52 +29,6 @@ class ShardFormatError(ValueError):
     """The bytes are not a well-formed tar archive (or end before its end-of-archive marker)."""
 
 
-def read_samples(
-    path: Path, positions: Sequence[int], extensions: frozenset[str] | None = None, verified: bool = False
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The samples at ``positions`` (ascending) of a WebDataset tar as (key, {extension: bytes}).
-
-    Members of other samples, and members whose extension is not in ``extensions`` (when given),
-    are skipped by seeking past them: only their headers are read. Nothing is extracted to disk
-    and nothing is decoded here. A corrupt, truncated or unreadable shard raises
-    :class:`ShardFormatError` naming it. ``verified``: the file's sha256 was checked against the
-    manifest, so the header checksums (a tenth of a worker's time at 224 px) are not summed again;
-    the structure and the end-of-archive marker still are.
-    """
-    if not len(positions):
-        return
-    wanted = iter(positions)
-    target, stop = next(wanted), positions[-1] + 1
-    index, key, members = -1, None, {}
-    try:
-        with open(path, "rb", buffering=1 << 20) as handle:
-            for name, size in file_members(handle, check_headers=not verified):
-                member_key, extension = split_name(name)
-                if member_key != key:
-                    if index == target:
-                        yield key, members
-                        target = next(wanted, stop)
-                    index, key, members = index + 1, member_key, {}
-                    if index >= stop:
-                        return
-                if index == target and (extensions is None or extension in extensions):
-                    members[extension] = _read(handle, size) if size <= MAX_MEMBER_BYTES else b""
-    except (ShardFormatError, OSError) as err:
-        raise ShardFormatError(
-            f"shard {path} is corrupt or truncated near sample {index + 1} ({err}); "
-            "re-pack it or remove it from the manifest"
-        ) from None
-    if index == target:
-        yield key, members
-        target = next(wanted, stop)
-    if target < stop:
-        raise ShardFormatError(
-            f"shard {path} holds {index + 1} samples, fewer than its manifest lists (sample {target} was "
-            "wanted): its members were renamed or reordered (two samples with one key in a row merge "
-            "into one); re-pack it"
-        )
-
-
 def split_name(name: str) -> tuple[str, str]:
     """(sample key, extension) of a member name, as WebDataset splits it: the key ends at the
     first '.' of the last path component; a name without one is its own key, extension ''."""
@@ -87,7 +40,7 @@ def split_name(name: str) -> tuple[str, str]:
     return match.groups() if match else (name, "")
 
 
-def file_members(handle: BinaryIO, check_headers: bool = True) -> Iterator[tuple[str, int]]:
+def file_members(handle: BinaryIO) -> Iterator[tuple[str, int]]:
     """(name, size) of each regular file in the tar read from ``handle``, in archive order.
 
     When a pair is yielded the handle stands at the member's data, which the caller may read;
@@ -103,8 +56,7 @@ def file_members(handle: BinaryIO, check_headers: bool = True) -> Iterator[tuple
             return
         if len(header) < BLOCK:
             raise ShardFormatError("the file ends before the tar's end-of-archive marker")
-        if check_headers:
-            _check_checksum(header, offset)
+        _check_checksum(header, offset)
         kind = header[156:157]
         size = _number(header[124:136], "size", offset)
         if size < 0:
@@ -113,7 +65,7 @@ def file_members(handle: BinaryIO, check_headers: bool = True) -> Iterator[tuple
         if kind in (b"L", b"K", b"x", b"g"):  # metadata for the next member, stored as this one's data
             if size > MAX_MEMBER_BYTES:
                 raise ShardFormatError(f"the tar header at byte {offset} announces {size} bytes of metadata")
-            data = _read(handle, size)
+            data = read_data(handle, size)
             if kind == b"L":
                 long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             elif kind != b"K":  # K: a long link target; links are not files, so it is not kept
@@ -142,7 +94,8 @@ def _padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
-def _read(handle: BinaryIO, size: int) -> bytes:
+def read_data(handle: BinaryIO, size: int) -> bytes:
+    """The next ``size`` bytes of a member's data; a file that ends sooner is truncated."""
     data = handle.read(size)
     if len(data) < size:
         raise ShardFormatError("the file ends inside a member (truncated)")

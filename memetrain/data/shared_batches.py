@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from memetrain.data.decode import cached_write_offset
+
 TICKET = "shared_batch"
 """Batch key of (worker, sequence number, slot generation): which buffers carry the images."""
 
@@ -38,6 +40,7 @@ class SlotImage:
     """An image tensor in the ring slot named by the batch's ticket: its buffer, shape and strides."""
 
     index: int
+    offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
 
@@ -65,8 +68,9 @@ class SharedBatches:
         self._used, self._fresh = 0, False
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised tensor in shared memory for the current batch."""
-        slot, nbytes = self._slots[self._slot_index], math.prod(shape) * dtype.itemsize
+        """An uninitialised contiguous tensor in shared memory for the current batch (uint8: where
+        JPEG rows decoded into it are written through the cache, see ``decode.cached_write_offset``)."""
+        slot, nbytes = self._slots[self._slot_index], math.prod(shape) * dtype.itemsize + 32
         index, self._used = self._used, self._used + 1
         if self._reuse and index < len(slot) and slot[index].nbytes() >= nbytes:  # a smaller last batch fits
             storage = slot[index]
@@ -77,7 +81,8 @@ class SharedBatches:
             if not self._fresh:
                 self._fresh = True
                 self._generations[self._slot_index] += 1
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # contiguous, from the start
+        offset = cached_write_offset(storage.data_ptr()) if dtype == torch.uint8 else 0
+        return torch.empty(0, dtype=dtype).set_(storage, offset, shape)
 
     def finish(self, batch: dict[str, Any]) -> None:
         """Add the ticket; images in buffers the main process already maps go as references."""
@@ -94,7 +99,7 @@ class SharedBatches:
 
 
 def _reference(index: int, image: torch.Tensor) -> SlotImage:
-    return SlotImage(index, tuple(image.shape), image.stride())
+    return SlotImage(index, image.storage_offset(), tuple(image.shape), image.stride())
 
 
 class BatchReturns:
@@ -127,7 +132,7 @@ class BatchReturns:
 
     def _tensor(self, worker: int, slot: int, image: SlotImage) -> torch.Tensor:
         storage = self._buffers[worker, slot, image.index]
-        return torch.empty(0, dtype=torch.uint8).set_(storage, 0, image.shape, image.stride)
+        return torch.empty(0, dtype=torch.uint8).set_(storage, image.offset, image.shape, image.stride)
 
     def collect(self) -> None:
         """Release, oldest first, the batches whose images nothing references any more (the one

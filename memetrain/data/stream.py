@@ -4,14 +4,15 @@ The pipeline, for one (rank, worker) "slot" and one epoch::
 
     plan      shard order shuffled from (seed, epoch), identical on every rank; the concatenated
               samples cut into one contiguous run per slot, each the same number of batches
-    read      the slot's run of tar members, grouped into samples (no decoding, no pickle)
+    read      the slot's run of samples' image and text members: views of the mapped shard at
+              the offsets in the split's sample index (no tar header parsed, nothing copied)
     shuffle   a buffer of ``shuffle_buffer`` raw samples, seeded from (seed, epoch, slot)
     batch     ``batch_size`` raw samples at a time
-    decode    image (``decode.decode_rgb``), text, labels; a bad sample is counted and dropped
+    decode    image (``decode.decode_rgb``) and text; a bad sample is counted and dropped
     view      the view of each image, seeded from (seed, epoch, slot, position), written at once
               into its row of the batch (in a worker, a shared buffer it reuses: ``shared_batches``)
     collate   uint8 images, token ids (the pack's, padded, when the encoder is the packed
-              tokenizer), labels, ``valid`` (False for padding in the last batch)
+              tokenizer), labels (the index's), ``valid`` (False for padding in the last batch)
 
 Everything random is a pure function of the seed, the epoch and a position, so a resumed stream
 replays the raw samples it already delivered (cheap: nothing is decoded) and continues with
@@ -23,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import hashlib
-import json
 import logging
 import math
 import multiprocessing
@@ -39,9 +39,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from memetrain.data.decode import BadSample, SampleDecoder
+from memetrain.data.decode import BadSample, Row, SampleDecoder, cached_write_offset
 from memetrain.data.manifest import Manifest
-from memetrain.data.shard_reader import ShardFormatError, read_samples
+from memetrain.data.sample_index import SampleIndex
+from memetrain.data.shard_reader import ShardFormatError
 from memetrain.data.shared_batches import TICKET, BatchReturns, SharedBatches
 from memetrain.data.tokenizer import TextEncoder, TokenTable
 from memetrain.errors import ConfigError, MemetrainError
@@ -141,8 +142,12 @@ class _SlotDataset(IterableDataset):
         self.shard_sizes = stream.shard_sizes
         self.s = stream.settings
         self.rank, self.world_size = stream.rank, stream.world_size
-        self.decoder = SampleDecoder(stream.manifest.label_names, stream.view.decode_size)
+        self.decoder = SampleDecoder(stream.view.decode_size)
         self.view, self.text_encoder, self.tokens = stream.view, stream.text_encoder, stream.tokens
+        self.index, self.keys = stream.index, stream.index.keys.tolist()
+        self.problems = {
+            int(row): str(stream.index.problems[row]) for row in np.flatnonzero(stream.index.problems != "")
+        }
         self.shard_starts = stream.shard_starts
         self.epoch, self.skip = stream._shared_epoch, stream._shared_skip
         self.released, self.mapped, self.ring_depth = stream._released, stream._mapped, stream.ring_depth
@@ -202,14 +207,20 @@ class _SlotDataset(IterableDataset):
                 )
             yield batch
 
-    def _read(self, segments: list[Segment]) -> Iterator[tuple[str, dict[str, bytes], bool, int]]:
-        """(key, members, pad, index in the stream's splits) of each planned sample."""
+    def _read(self, segments: list[Segment]) -> Iterator[tuple[int, memoryview, memoryview, bool]]:
+        """(row in the stream's index, image bytes, text bytes, pad) of each planned sample."""
         for segment in segments:
             path, positions = self.shard_paths[segment.shard], self.shard_positions[segment.shard]
-            positions, start = positions[segment.start : segment.stop], self.shard_starts[segment.shard]
-            verified = self.s.verify_checksums  # the stream checked every shard's sha256 when it was made
-            for position, (key, members) in zip(positions, _samples(path, positions, verified=verified)):
-                yield key, members, segment.pad, start + int(position)
+            rows = self.shard_starts[segment.shard] + np.asarray(positions[segment.start : segment.stop])
+            try:
+                for row, image, text in self.index.read(path, rows):
+                    yield row, image, text, segment.pad
+            except ShardFormatError as err:
+                raise StreamError(str(err)) from None
+            except OSError as err:
+                raise StreamError(
+                    f"shard {path} cannot be read ({err.strerror or err}); restore it or re-pack"
+                ) from None
 
     def _shuffled(self, items: Iterator, rng: np.random.Generator) -> Iterator:
         if not self.s.shuffle or self.s.shuffle_buffer <= 1:
@@ -231,13 +242,16 @@ class _SlotDataset(IterableDataset):
             yield buffer[pick]
 
     def _batch(self, chunk: list, epoch: int, slot: int, position: int) -> tuple[dict[str, Any], int]:
-        keys, texts, indices, labels, valid, dropped = [], [], [], [], [], 0
+        rows, texts, valid, dropped = [], [], [], 0
         if self.shared is not None:  # in a worker: the images go to the main process
             self.shared.start()
         images = _BatchImages(len(chunk), self.shared)
-        for offset, (key, members, pad, index) in enumerate(chunk):
+        for offset, (row, image_bytes, text_bytes, pad) in enumerate(chunk):
+            key = self.keys[row]
             try:
-                image, text, values = self.decoder(key, members, images.next_row())
+                if row in self.problems:
+                    raise BadSample(key, self.problems[row])
+                image, text = self.decoder(key, image_bytes, text_bytes, images.next_row())
             except BadSample as bad:
                 log.warning("skipping bad %s", bad)
                 dropped += 1
@@ -249,26 +263,26 @@ class _SlotDataset(IterableDataset):
                 else None
             )
             images.add(key, self.view(image, rng))
-            keys.append(key)
+            rows.append(row)
             texts.append(text)
-            indices.append(index)
-            labels.append(values)
             valid.append(not pad)
-        if not keys:
+        if not rows:
             raise StreamError(
-                f"every sample of a batch was bad (first: {chunk[0][0]!r}); the shards need fixing"
+                f"every sample of a batch was bad (first: {self.keys[chunk[0][0]]!r}); the shards need fixing"
             )
-        batch: dict[str, Any] = {"id": keys, "text": texts, "bad_samples": dropped}
+        batch: dict[str, Any] = {
+            "id": [self.keys[row] for row in rows],
+            "text": texts,
+            "bad_samples": dropped,
+        }
         batch.update(images.batched())
         if self.shared is not None:
             self.shared.finish(batch)
         # small arrays stay numpy until the main process (see _small_tensors)
-        batch["labels"] = np.asarray(labels, dtype=np.int64)
+        batch["labels"] = self.index.labels[rows].astype(np.int64)
         batch["valid"] = np.asarray(valid, dtype=bool)
         if self.tokens is not None:
-            batch["input_ids"], batch["attention_mask"] = self.text_encoder.pad(
-                [self.tokens[i] for i in indices]
-            )
+            batch["input_ids"], batch["attention_mask"] = self.text_encoder.pad(self.tokens, rows)
         elif self.text_encoder is not None:
             batch["input_ids"], batch["attention_mask"] = self.text_encoder(texts)
         return batch, dropped
@@ -280,21 +294,29 @@ class _BatchImages:
     carries it to the main process). Rows are HWC, so the batch is channels last and each write a
     plain copy. Once the batch's image size is known, :meth:`next_row` offers the next row to the
     decoder: an image of that very size is decoded into it, and a view that returns it unchanged
-    (``Resize`` of an image packed at the view's size) costs no copy at all."""
+    (``Resize`` of an image packed at the view's size) costs no copy and no check."""
 
     def __init__(self, capacity: int, shared: SharedBatches | None):
         self.capacity, self.shared = capacity, shared
         self.count, self.multi_view = 0, False
         self._buffers: list[torch.Tensor] = []  # per view of a sample: [capacity, H, W, C]
+        self._pixels: list[np.ndarray] = []  # the rows of a single uint8 view's buffer, once made
+        self._images: tuple[torch.Tensor, ...] = ()  # the same rows as [C, H, W] tensors
 
-    def next_row(self) -> torch.Tensor | None:
-        return self._buffers[0][self.count] if self._buffers and not self.multi_view else None
+    def next_row(self) -> Row | None:
+        return Row(self._pixels[self.count], self._images[self.count]) if self._images else None
 
     def add(self, key: str, view: torch.Tensor | list[torch.Tensor]) -> None:
+        if self._images and view is self._images[self.count]:
+            self.count += 1  # decoded into its row and passed through unchanged
+            return
         images = view if isinstance(view, list) else [view]
         if not self._buffers:
             self.multi_view = isinstance(view, list)
             self._buffers = [self._empty(image) for image in images]
+            if not self.multi_view and view.dtype == torch.uint8:
+                self._pixels = list(self._buffers[0].numpy())
+                self._images = self._buffers[0].permute(0, 3, 1, 2).unbind(0)
         for index, (buffer, image) in enumerate(zip(self._buffers, images, strict=True)):
             row, hwc = buffer[self.count], image.permute(1, 2, 0)
             if hwc.shape != row.shape or image.dtype != row.dtype:
@@ -314,11 +336,12 @@ class _BatchImages:
     def _empty(self, image: torch.Tensor) -> torch.Tensor:
         channels, height, width = image.shape
         shape = (self.capacity, height, width, channels)
-        return (
-            torch.empty(shape, dtype=image.dtype)
-            if self.shared is None
-            else self.shared.empty(shape, image.dtype)
-        )
+        if self.shared is not None:
+            return self.shared.empty(shape, image.dtype)
+        if image.dtype != torch.uint8:
+            return torch.empty(shape, dtype=image.dtype)
+        storage = torch.empty(math.prod(shape) + 32, dtype=torch.uint8).untyped_storage()
+        return torch.empty(0, dtype=torch.uint8).set_(storage, cached_write_offset(storage.data_ptr()), shape)
 
     def batched(self) -> dict[str, Any]:
         """``image`` (or ``views``): ``[B, C, H, W]`` of the rows written, channels-last memory."""
@@ -375,6 +398,7 @@ class MemeStream:
             self.manifest.verify(name, checksums=settings.verify_checksums)
         shard_infos = [shard for name in splits for shard in self.manifest.split(name).shards]
         self.shard_starts = np.cumsum([0] + [shard.samples for shard in shard_infos[:-1]]).tolist()
+        self.index = SampleIndex.concatenate([SampleIndex.of_split(self.manifest, name) for name in splits])
         self.tokens = _packed_tokens(self.manifest, splits, text_encoder)
         self.shard_paths = [self.manifest.shard_path(shard) for shard in shard_infos]
         self.shard_positions = _positions_per_shard([shard.samples for shard in shard_infos], subset)
@@ -592,31 +616,9 @@ def _positions_per_shard(sizes: list[int], subset: Sequence[int] | None) -> list
     return [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def _samples(
-    path: Path, positions: Sequence[int], extensions: frozenset[str] | None = None, verified: bool = False
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """:func:`read_samples`, with a corrupt or truncated shard as a :class:`StreamError`."""
-    try:
-        yield from read_samples(path, positions, extensions, verified)
-    except ShardFormatError as err:
-        raise StreamError(str(err)) from None
-
-
 def split_labels(shards: str | Path, split: str) -> np.ndarray:
-    """Labels ``[N, K]`` (-1 unlabeled) of a split, in manifest order, read without any image.
+    """Labels ``[N, K]`` (-1 unlabeled) of a split, in manifest order, from its sample index.
 
     The row index is the split-wide sample index that ``MemeStream(subset=...)`` takes.
     """
-    manifest = Manifest.load(shards)
-    rows = []
-    for shard in manifest.split(split).shards:
-        path = manifest.shard_path(shard)
-        for key, members in _samples(path, range(shard.samples), frozenset({"json"})):
-            try:
-                labels = json.loads(members["json"])["labels"]
-            except (KeyError, ValueError, TypeError) as err:
-                raise StreamError(
-                    f"sample {key!r} in {path} has no readable labels ({err}); re-pack"
-                ) from None
-            rows.append([labels.get(name, -1) for name in manifest.label_names])
-    return np.asarray(rows, dtype=np.int64).reshape(len(rows), len(manifest.label_names))
+    return SampleIndex.of_split(Manifest.load(shards), split).labels.astype(np.int64)

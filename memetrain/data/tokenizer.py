@@ -145,15 +145,16 @@ class TextEncoder:
         )
         return out["input_ids"].astype(np.int64), out["attention_mask"].astype(np.int64)
 
-    def pad(self, encodings: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """What ``self(texts)`` gives, from the texts' full encodings by this tokenizer file (rows of
-        a :class:`TokenTable`): a longer one keeps its first ``max_length - 1`` ids and its closing
-        ``[SEP]``, as the tokenizer truncates the text between ``[CLS]`` and ``[SEP]``."""
-        ids = np.full((len(encodings), self.max_length), self.pad_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, tokens in enumerate(encodings):
-            length = min(len(tokens), self.max_length)
-            ids[row, :length] = tokens[:length]
-            ids[row, length - 1] = tokens[-1]
-            mask[row, :length] = 1
-        return ids, mask
+    def pad(self, table: TokenTable, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """What ``self(texts)`` gives, from the texts' full encodings by this tokenizer file (``rows``
+        of a :class:`TokenTable`): a longer one keeps its first ``max_length - 1`` ids and its
+        closing ``[SEP]``, as the tokenizer truncates the text between ``[CLS]`` and ``[SEP]``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = table.offsets[rows], table.offsets[rows + 1]
+        kept = np.minimum(ends - starts, self.max_length)
+        columns = np.arange(self.max_length)
+        mask = columns < kept[:, None]
+        at = np.minimum(starts[:, None] + columns, len(table.ids) - 1)  # past a row's end: masked
+        ids = np.where(mask, table.ids[at], self.pad_id).astype(np.int64)
+        ids[np.arange(len(rows)), kept - 1] = table.ids[ends - 1]
+        return ids, mask.astype(np.int64)

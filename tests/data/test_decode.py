@@ -10,7 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from memetrain.data import decode
-from memetrain.data.decode import ImageTooLarge, decode_rgb
+from memetrain.data.decode import ImageTooLarge, Row, cached_write_offset, decode_rgb
 
 
 def pil_reference(data: bytes, reduce_to: int | None) -> torch.Tensor:
@@ -86,17 +86,29 @@ def test_large_jpegs_decode_at_a_reduced_scale():
     assert np.abs(image.permute(1, 2, 0).numpy().astype(np.int16) - box).mean() < 2
 
 
+def row_of(height: int, width: int) -> Row:
+    hwc = torch.zeros(height, width, 3, dtype=torch.uint8)
+    return Row(hwc.numpy(), hwc.permute(2, 0, 1))
+
+
 def test_a_jpeg_of_the_rows_size_is_decoded_into_it_and_others_ignore_it():
     data = encoded("RGB", (61, 47))
-    row = torch.zeros(47, 61, 3, dtype=torch.uint8)
+    row = row_of(47, 61)
     image = decode_rgb(data, 32, out=row)
-    assert image.data_ptr() == row.data_ptr() and torch.equal(image, pil_reference(data, 32))
-    other = torch.zeros(47, 60, 3, dtype=torch.uint8)
+    assert image is row.image and torch.equal(image, pil_reference(data, 32))
+    other = row_of(47, 60)
     image = decode_rgb(data, 32, out=other)
-    assert image.data_ptr() != other.data_ptr() and not other.any()
+    assert image.data_ptr() != other.image.data_ptr() and not other.pixels.any()
     assert torch.equal(image, pil_reference(data, 32))
     png = encoded("RGB", (61, 47), "PNG")
-    assert decode_rgb(png, 32, out=row).data_ptr() != row.data_ptr()  # only JPEGs decode in place
+    assert decode_rgb(png, 32, out=row).data_ptr() != row.image.data_ptr()  # only JPEGs decode in place
+
+
+def test_jpegs_decode_into_memory_that_the_simd_colour_conversion_writes_through_the_cache():
+    for height, width in ((47, 61), (224, 224), (64, 96)):
+        image = decode_rgb(encoded("RGB", (width, height)))
+        assert image.data_ptr() % 32 == 16  # 16 past a 32-byte boundary: no non-temporal stores
+    assert [cached_write_offset(address) for address in (0, 16, 17, 32, 4095)] == [16, 0, 31, 16, 17]
 
 
 def test_png_and_webp_decode_through_pil():

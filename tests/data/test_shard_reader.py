@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from memetrain.data.shard_reader import ShardFormatError, file_members, read_samples, split_name
+from memetrain.data.sample_index import SampleIndex
+from memetrain.data.shard_reader import ShardFormatError, file_members, split_name
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]], fmt: int, extras: bool = False) -> Path:
@@ -67,14 +68,6 @@ def test_pax_global_header_and_size_records_apply(tmp_path):
     assert our_members(path) == tarfile_members(path) == [("renamed/by-pax.txt", b"12345")]
 
 
-def test_read_samples_groups_members_and_skips_unwanted(tmp_path):
-    members = [(f"k{i}.{ext}", f"{i}{ext}".encode()) for i in range(5) for ext in ("jpg", "txt", "json")]
-    path = write_tar(tmp_path / "shard.tar", members, tarfile.GNU_FORMAT)
-    got = list(read_samples(path, [1, 3, 4], frozenset({"txt", "json"})))
-    assert got == [(f"k{i}", {"txt": f"{i}txt".encode(), "json": f"{i}json".encode()}) for i in (1, 3, 4)]
-    assert [key for key, _ in read_samples(path, range(5))] == [f"k{i}" for i in range(5)]
-
-
 def test_bad_checksum_truncation_and_missing_end_marker_are_refused(tmp_path):
     path = write_tar(tmp_path / "shard.tar", MEMBERS[:4], tarfile.GNU_FORMAT)
     data = path.read_bytes()
@@ -86,7 +79,7 @@ def test_bad_checksum_truncation_and_missing_end_marker_are_refused(tmp_path):
     corrupt[512 * 3 + 10] ^= 0xFF  # inside the second member's header
     cases = {
         "bad checksum": bytes(corrupt),
-        "ends inside a member": data[:1100],
+        "ends inside a member": data[: 512 * 4 + 2],  # inside s0.txt, which the index reads
         "before the tar's end-of-archive marker": data[:end_marker],
         "ends before": b"",
     }
@@ -94,7 +87,7 @@ def test_bad_checksum_truncation_and_missing_end_marker_are_refused(tmp_path):
         broken.write_bytes(content)
         with pytest.raises(ShardFormatError, match=f"shard {re.escape(str(broken))} is corrupt or truncated"):
             try:
-                list(read_samples(broken, range(4)))
+                SampleIndex.from_shards([broken], ["hateful"])
             except ShardFormatError as err:
                 assert message in str(err), (message, str(err))
                 raise

@@ -58,7 +58,7 @@ def test_padding_stored_encodings_gives_what_encoding_the_texts_gives(tmp_path, 
     )
     assert [table[i].tolist() for i in range(len(table))] == [tokenizer.encode(t).ids for t in texts]
     encoder = TextEncoder(tmp_path / "tokenizer.json", max_length=max_length)
-    ids, mask = encoder.pad([table[i] for i in range(len(table))])
+    ids, mask = encoder.pad(table, range(len(table)))
     expected_ids, expected_mask = encoder(texts)
     assert ids.dtype == expected_ids.dtype == np.int64
     assert ids.tolist() == expected_ids.tolist() and mask.tolist() == expected_mask.tolist()
