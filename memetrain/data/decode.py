@@ -10,11 +10,11 @@ finer steps), so a large meme costs little more than a small one. CMYK JPEGs, wh
 to RGB differs from PIL's by a few levels, and PNG and WebP go through PIL.
 
 libjpeg-turbo's AVX2 colour conversion writes an output row that starts on a 32-byte boundary with
-non-temporal stores, which bypass the cache: at 224 px that decode was 10-20 % slower here, and
+non-temporal stores, which bypass the cache: at 224 px that decode was 8-20 % slower here, and
 whoever reads the image next reads it from memory. JPEGs decoded in full are therefore written
-into memory that starts 16 bytes past a boundary (:func:`cached_write_offset`), where every row of a width that is a
-multiple of 32 is written through the cache; where a plain allocation happened to fall decided the
-speed before.
+into memory 16 bytes past a boundary (:func:`cached_write_offset`), where every row of a width
+that is a multiple of 32 is written through the cache (before, where an allocation happened to
+fall decided the speed).
 
 The header is always read first, so an image over ``MAX_PIXELS`` is refused before its pixels
 are allocated, and a truncated or corrupt image is refused by either decoder.
@@ -64,8 +64,8 @@ def decode_rgb(
     ``reduce_to``: the size of the view that will be made of it; a JPEG that large twice over
     is decoded at a reduced scale (see the module docstring). ``out``: where a JPEG of exactly its
     size decoded in full is written (the result is then ``out.image`` itself); other images ignore
-    it. Raises :class:`ImageTooLarge`, or whatever PIL or simplejpeg
-    raise for data they cannot decode.
+    it. Raises :class:`ImageTooLarge`, or whatever PIL or simplejpeg raise for data they cannot
+    decode.
     """
     if data[:3] == _JPEG_MAGIC:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)

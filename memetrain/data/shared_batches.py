@@ -37,7 +37,8 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 @dataclass(frozen=True)
 class SlotImage:
-    """An image tensor in the ring slot named by the batch's ticket: its buffer, shape and strides."""
+    """An image tensor in the ring slot named by the batch's ticket: its buffer, storage offset, shape
+    and strides."""
 
     index: int
     offset: int
