@@ -407,6 +407,9 @@ class MemeStream:
         self.subset_digest = (
             None if subset is None else hashlib.sha256(np.ascontiguousarray(subset, np.int64)).hexdigest()
         )
+        self.shards_digest = hashlib.sha256(
+            " ".join(shard.sha256 for shard in shard_infos).encode()
+        ).hexdigest()
         self.settings, self.view, self.text_encoder = settings, view, text_encoder
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
@@ -496,6 +499,8 @@ class MemeStream:
             "batch_size": self.settings.batch_size,
             "seed": self.settings.seed,
             "subset": self.subset_digest,
+            "shards": self.shards_digest,
+            "tokenizer": self.text_encoder.sha256 if self.text_encoder else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -510,11 +515,22 @@ class MemeStream:
                     f"cannot resume the stream: it was saved with {name}={state[name]!r} and now runs with "
                     f"{name}={expected[name]!r}; resume with the same value (the sample order depends on it)"
                 )
+        for name, what in _PACK_IDENTITY.items():
+            if name in state and state[name] != expected[name]:  # states from before they were kept lack them
+                raise StreamError(f"cannot resume the stream: {what}; resume with those, or start a new run")
         self.epoch, self.batches_done, self.bad_samples = (
             state["epoch"],
             state["batches_done"],
             state["bad_samples"],
         )
+
+
+_PACK_IDENTITY = {
+    "shards": "the split's shards are not the ones the checkpoint was trained on (another sha256)",
+    "tokenizer": "the tokenizer file is not the one the checkpoint was trained with (another sha256; a re-pack "
+    "trains a new tokenizer, as WordPiece training is not deterministic, and the same ids would mean other words)",
+}
+"""What a stream's state records of its data, so that a run never resumes on other data."""
 
 
 def _as_sent(batch: dict[str, Any]) -> dict[str, Any]:

@@ -30,12 +30,13 @@ def stream(shards: Path, split: str = "train", view=None, **settings) -> MemeStr
     settings.setdefault("batch_size", 8)
     settings.setdefault("num_workers", 0)
     rank, world_size = settings.pop("rank", 0), settings.pop("world_size", 1)
-    subset = settings.pop("subset", None)
+    subset, text_encoder = settings.pop("subset", None), settings.pop("text_encoder", None)
     return MemeStream(
         shards,
         split,
         StreamSettings(**settings),
         view or Resize(32),
+        text_encoder,
         rank=rank,
         world_size=world_size,
         subset=subset,
@@ -206,6 +207,29 @@ def test_resume_under_another_world_size_or_worker_count_is_refused(synth_shards
         stream(synth_shards, num_workers=2, rank=0, world_size=2).load_state_dict(state)
     with pytest.raises(StreamError, match="num_workers"):
         stream(synth_shards, num_workers=3).load_state_dict(state)
+
+
+def test_resume_on_re_packed_data_or_another_tokenizer_is_refused(synth_shards, tmp_path):
+    from memetrain.data.tokenizer import train_wordpiece
+
+    packed = TextEncoder(synth_shards / "tokenizer.json", max_length=12)
+    state = json.loads(json.dumps(stream(synth_shards, text_encoder=packed).state_dict()))
+    stream(synth_shards, text_encoder=packed).load_state_dict(state)  # the same data: resumes
+    train_wordpiece(["other words entirely"] * 5, 50, tmp_path / "other.json")
+    other = TextEncoder(tmp_path / "other.json", max_length=12)
+    with pytest.raises(
+        StreamError, match="the tokenizer file is not the one the checkpoint was trained with"
+    ):
+        stream(synth_shards, text_encoder=other).load_state_dict(state)
+    root = copy_pack(synth_shards, tmp_path / "copy")
+    retexted = lambda members: [(n, b"another text" if n.endswith(".txt") else d) for n, d in members]  # noqa: E731
+    rewrite_shard(root, "train", retexted)  # then indexed anew
+    with pytest.raises(
+        StreamError, match="the split's shards are not the ones the checkpoint was trained on"
+    ):
+        stream(root, text_encoder=TextEncoder(root / "tokenizer.json", max_length=12)).load_state_dict(state)
+    del state["shards"], state["tokenizer"]  # as saved before the stream kept them
+    stream(synth_shards, text_encoder=other).load_state_dict(state)
 
 
 def test_text_encoder_from_the_packed_tokenizer(synth_shards):
