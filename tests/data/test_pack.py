@@ -198,6 +198,21 @@ def test_repacking_with_the_same_options_is_skipped_and_overwrite_redoes_it(tmp_
     assert not pack(SynthMemes(**options), tmp_path, PackOptions(workers=1), options).skipped
 
 
+def test_a_pack_from_an_older_schema_is_refused_and_packing_again_replaces_it(tmp_path):
+    options = dict(count=40, image_size=48, seed=0)
+    pack(SynthMemes(**options), tmp_path, PackOptions(workers=1), options)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    raw["schema_version"] = 1
+    for split in raw["splits"].values():
+        del split["index"]  # as memetrain wrote them before sample indexes
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="schema version 1, this memetrain reads 2; re-pack"):
+        Manifest.load(tmp_path)
+    assert not pack(SynthMemes(**options), tmp_path, PackOptions(workers=1), options).skipped
+    manifest = Manifest.load(tmp_path)
+    assert all(manifest.index_path(name).is_file() for name in manifest.splits)
+
+
 def test_resize_at_pack_shrinks_and_reencodes(tmp_path):
     options = dict(count=20, image_size=160, seed=0)
     pack(
