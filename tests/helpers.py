@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from memetrain.data.manifest import MANIFEST_NAME, file_sha256
+from memetrain.data.manifest import MANIFEST_NAME, ShardInfo, file_sha256
 from memetrain.data.pack import PackOptions, pack
 from memetrain.data.sample_index import SampleIndex
 from memetrain.data.sources.synth import SynthMemes
@@ -20,17 +20,23 @@ def pack_synth(output: Path, count: int = 240, image_size: int = 64, per_shard: 
     return output
 
 
+def shard_infos(*paths: Path) -> list[ShardInfo]:
+    """Manifest entries of tar files (samples left 0: the index counts them)."""
+    return [ShardInfo(path.name, 0, path.stat().st_size, file_sha256(path)) for path in paths]
+
+
 def agree_manifest(root: Path, split: str, reindex: bool = True) -> None:
     """Make the manifest at ``root`` list ``split``'s shards as they are now (sizes, sha256) and,
     with ``reindex``, give the split a sample index made anew from them: a pack that agrees with
     itself, as one written by another tool would. Without ``reindex`` the index is the old one."""
     raw = json.loads((root / MANIFEST_NAME).read_text())
     entry = raw["splits"][split]
-    paths = [root / shard["name"] for shard in entry["shards"]]
-    for shard, path in zip(entry["shards"], paths):
+    for shard in entry["shards"]:
+        path = root / shard["name"]
         shard["bytes"], shard["sha256"] = path.stat().st_size, file_sha256(path)
     if reindex:
-        index, path = SampleIndex.from_shards(paths, raw["label_names"]), root / entry["index"]["name"]
+        shards = [ShardInfo(**shard) for shard in entry["shards"]]
+        index, path = SampleIndex.from_shards(root, shards, raw["label_names"]), root / entry["index"]["name"]
         index.save(path)
         entry["index"].update(samples=len(index), bytes=path.stat().st_size, sha256=file_sha256(path))
     (root / MANIFEST_NAME).write_text(json.dumps(raw))

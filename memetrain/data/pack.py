@@ -263,7 +263,7 @@ def _write(
 
 def _sample_index(root: Path, split: str, shards: list[ShardInfo], label_names: list[str]) -> ShardInfo:
     path = root / f"{split}{INDEX_SUFFIX}"
-    index = SampleIndex.from_shards([root / shard.name for shard in shards], label_names)
+    index = SampleIndex.from_shards(root, shards, label_names)  # their sha256 as hashed while written
     if index.shard_samples.tolist() != [shard.samples for shard in shards] or (index.problems != "").any():
         raise PackError(
             f"the shards of split {split!r} do not read back as written (a bug: please report it)"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memetrain.data.manifest import Manifest, ManifestError, ShardInfo, file_sha256
+from memetrain.data.manifest import Manifest, ManifestError, ShardInfo
 from memetrain.data.shard_reader import (
     MAX_MEMBER_BYTES,
     ShardFormatError,
@@ -62,14 +62,15 @@ class SampleIndex:
     shard_sha256: np.ndarray
 
     @classmethod
-    def from_shards(cls, paths: Sequence[Path], label_names: Sequence[str]) -> SampleIndex:
-        """Index the WebDataset tars at ``paths`` (header checksums verified); a corrupt or
-        truncated one raises :class:`ShardFormatError` naming it."""
+    def from_shards(cls, root: Path, shards: Sequence[ShardInfo], label_names: Sequence[str]) -> SampleIndex:
+        """Index the WebDataset tars ``shards`` in ``root`` (header checksums verified; each one's
+        sha256 is recorded as given, its samples as counted); a corrupt or truncated one raises
+        :class:`ShardFormatError` naming it."""
         rows: list[tuple[str, tuple[int, int], tuple[int, int], list[int], str]] = []
         counts, ignored = [], set()
-        for path in paths:
+        for shard in shards:
             before = len(rows)
-            rows += _index_shard(path, label_names, ignored)
+            rows += _index_shard(root / shard.name, label_names, ignored)
             counts.append(len(rows) - before)
         for extension in sorted(ignored):
             log.warning("shard members with extension %r are never read (ignored)", extension)
@@ -82,7 +83,7 @@ class SampleIndex:
             problems=np.asarray(problems, dtype=np.str_),
             label_names=np.asarray(label_names, dtype=np.str_),
             shard_samples=np.asarray(counts, dtype=np.int64),
-            shard_sha256=np.asarray([file_sha256(path) for path in paths], dtype=np.str_),
+            shard_sha256=np.asarray([shard.sha256 for shard in shards], dtype=np.str_),
         )
 
     @classmethod

@@ -16,6 +16,7 @@ from memetrain.data.manifest import Manifest, ManifestError
 from memetrain.data.sample_index import SampleIndex
 from memetrain.data.shard_reader import ShardFormatError
 from memetrain.data.stream import split_labels
+from tests.helpers import shard_infos
 
 LABELS = ["hateful", "misogynous"]
 
@@ -39,7 +40,7 @@ def sample(key: str, labels: dict | bytes | None = None, **members: bytes | None
 def test_rows_hold_the_members_tarfile_reads_and_the_labels(tmp_path):
     first = write_tar(tmp_path / "a.tar", sample("k0", {"hateful": 1}) + sample("k1", {"misogynous": 0}))
     second = write_tar(tmp_path / "b.tar", sample("k2", {"hateful": 0, "misogynous": 1}, png=b"\x89PNG"))
-    index = SampleIndex.from_shards([first, second], LABELS)
+    index = SampleIndex.from_shards(tmp_path, shard_infos(first, second), LABELS)
     assert index.keys.tolist() == ["k0", "k1", "k2"] and index.shard_samples.tolist() == [2, 1]
     assert index.labels.tolist() == [[1, -1], [-1, 0], [0, 1]] and (index.problems == "").all()
     read = [*index.read(first, np.array([0, 1])), *index.read(second, np.array([2]))]
@@ -66,7 +67,7 @@ def test_samples_that_cannot_be_streamed_are_recorded_with_the_reason(tmp_path, 
     for _, case in cases.values():
         members += case
     with caplog.at_level(logging.WARNING):
-        index = SampleIndex.from_shards([write_tar(tmp_path / "s.tar", members)], LABELS)
+        index = SampleIndex.from_shards(tmp_path, shard_infos(write_tar(tmp_path / "s.tar", members)), LABELS)
     problems = dict(zip(index.keys.tolist(), index.problems.tolist(), strict=True))
     assert problems.pop("good") == "" and index.labels[0].tolist() == [1, -1]
     assert set(problems) == set(cases)
@@ -84,7 +85,7 @@ def test_a_corrupt_shard_is_refused_by_name(tmp_path):
     with pytest.raises(
         ShardFormatError, match=f"shard {path} is corrupt or truncated near sample 0 .*bad checksum"
     ):
-        SampleIndex.from_shards([path], LABELS)
+        SampleIndex.from_shards(tmp_path, shard_infos(path), LABELS)
 
 
 def test_the_pack_indexes_every_split_and_labels_come_from_it(synth_shards):
@@ -149,7 +150,7 @@ def test_an_index_file_that_is_not_one_is_refused_without_unpickling(tmp_path):
 
 def test_a_shard_shorter_than_its_members_is_refused_when_read(tmp_path):
     path = write_tar(tmp_path / "s.tar", sample("k0"))
-    index = SampleIndex.from_shards([path], LABELS)
+    index = SampleIndex.from_shards(tmp_path, shard_infos(path), LABELS)
     path.write_bytes(path.read_bytes()[:700])
     with pytest.raises(ShardFormatError, match="ends inside a member"):
         list(index.read(path, np.array([0])))

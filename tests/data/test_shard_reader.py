@@ -11,6 +11,7 @@ import pytest
 
 from memetrain.data.sample_index import SampleIndex
 from memetrain.data.shard_reader import ShardFormatError, file_members, split_name
+from tests.helpers import shard_infos
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]], fmt: int, extras: bool = False) -> Path:
@@ -87,7 +88,7 @@ def test_bad_checksum_truncation_and_missing_end_marker_are_refused(tmp_path):
         broken.write_bytes(content)
         with pytest.raises(ShardFormatError, match=f"shard {re.escape(str(broken))} is corrupt or truncated"):
             try:
-                SampleIndex.from_shards([broken], ["hateful"])
+                SampleIndex.from_shards(tmp_path, shard_infos(broken), ["hateful"])
             except ShardFormatError as err:
                 assert message in str(err), (message, str(err))
                 raise
