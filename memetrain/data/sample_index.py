@@ -1,10 +1,10 @@
 """``<split>.index.npz``: where each sample's image and text lie in a split's shards, and its labels.
 
 The pack writes one per split from the finished shards, read back with the tar reader. A stream
-then maps a shard into memory and hands a sample's two members to the decoders as views at their
-byte offsets, and takes the labels from the table: no tar header is parsed and no JSON member read while training
-(together a tenth of a loader worker's time at 224 px), and a split's labels come without opening
-a shard. The members are checked once, here: a sample that could not be streamed (a member path
+then maps a shard into memory, hands a sample's two members to the decoders as views at their
+byte offsets and takes the labels from the table: no tar header is parsed and no JSON member read
+while training (together a tenth of a loader worker's time at 224 px), and a split's labels come
+without opening a shard. The members are checked once, here: a sample that could not be streamed (a member path
 that climbs out, no image or text member, labels that are not 0 or 1) is recorded with the
 reason, and the stream drops it by name as it meets it.
 
