@@ -34,7 +34,9 @@ from PIL import Image
 from memetrain.data.images import MAX_PIXELS
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
-_STREAMING_STORE_ALIGNMENT = 32  # rows starting on this boundary get non-temporal stores
+STORE_ALIGNMENT = 32
+"""Rows starting on this boundary get non-temporal stores; memory for decoded rows is allocated
+this much larger than the rows, to place them past one (see :func:`cached_write_offset`)."""
 _PIL_COLORSPACES = ("CMYK", "YCCK")  # simplejpeg's names for Adobe JPEGs PIL converts itself
 
 
@@ -92,12 +94,18 @@ def decode_rgb(
 def cached_write_offset(address: int) -> int:
     """Bytes past ``address`` to where JPEG rows decoded there are written through the cache (see
     the module docstring): 16 past a 32-byte boundary."""
-    return (_STREAMING_STORE_ALIGNMENT // 2 - address) % _STREAMING_STORE_ALIGNMENT
+    return (STORE_ALIGNMENT // 2 - address) % STORE_ALIGNMENT
+
+
+def cached_rows(storage: torch.UntypedStorage, shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous uint8 tensor of ``shape`` in ``storage`` (``STORE_ALIGNMENT`` bytes larger than
+    it needs), where JPEG rows decoded into it are written through the cache."""
+    return torch.empty(0, dtype=torch.uint8).set_(storage, cached_write_offset(storage.data_ptr()), shape)
 
 
 def empty_rgb(height: int, width: int) -> np.ndarray:
     """Uninitialised ``[H, W, 3]`` uint8 memory that JPEG rows are decoded into through the cache."""
-    flat = np.empty(height * width * 3 + _STREAMING_STORE_ALIGNMENT, dtype=np.uint8)
+    flat = np.empty(height * width * 3 + STORE_ALIGNMENT, dtype=np.uint8)
     start = cached_write_offset(flat.ctypes.data)
     return flat[start : start + height * width * 3].reshape(height, width, 3)
 

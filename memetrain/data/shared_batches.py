@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from memetrain.data.decode import cached_write_offset
+from memetrain.data.decode import STORE_ALIGNMENT, cached_rows
 
 TICKET = "shared_batch"
 """Batch key of (worker, sequence number, slot generation): which buffers carry the images."""
@@ -70,8 +70,8 @@ class SharedBatches:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised contiguous tensor in shared memory for the current batch (uint8: where
-        JPEG rows decoded into it are written through the cache, see ``decode.cached_write_offset``)."""
-        slot, nbytes = self._slots[self._slot_index], math.prod(shape) * dtype.itemsize + 32
+        JPEG rows decoded into it are written through the cache, see ``decode.cached_rows``)."""
+        slot, nbytes = self._slots[self._slot_index], math.prod(shape) * dtype.itemsize + STORE_ALIGNMENT
         index, self._used = self._used, self._used + 1
         if self._reuse and index < len(slot) and slot[index].nbytes() >= nbytes:  # a smaller last batch fits
             storage = slot[index]
@@ -82,8 +82,9 @@ class SharedBatches:
             if not self._fresh:
                 self._fresh = True
                 self._generations[self._slot_index] += 1
-        offset = cached_write_offset(storage.data_ptr()) if dtype == torch.uint8 else 0
-        return torch.empty(0, dtype=dtype).set_(storage, offset, shape)
+        if dtype == torch.uint8:
+            return cached_rows(storage, shape)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
     def finish(self, batch: dict[str, Any]) -> None:
         """Add the ticket; images in buffers the main process already maps go as references."""

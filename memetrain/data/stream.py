@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from memetrain.data.decode import BadSample, Row, SampleDecoder, cached_write_offset
+from memetrain.data.decode import STORE_ALIGNMENT, BadSample, Row, SampleDecoder, cached_rows
 from memetrain.data.manifest import Manifest
 from memetrain.data.sample_index import SampleIndex
 from memetrain.data.shard_reader import ShardFormatError
@@ -340,8 +340,9 @@ class _BatchImages:
             return self.shared.empty(shape, image.dtype)
         if image.dtype != torch.uint8:
             return torch.empty(shape, dtype=image.dtype)
-        storage = torch.empty(math.prod(shape) + 32, dtype=torch.uint8).untyped_storage()
-        return torch.empty(0, dtype=torch.uint8).set_(storage, cached_write_offset(storage.data_ptr()), shape)
+        return cached_rows(
+            torch.empty(math.prod(shape) + STORE_ALIGNMENT, dtype=torch.uint8).untyped_storage(), shape
+        )
 
     def batched(self) -> dict[str, Any]:
         """``image`` (or ``views``): ``[B, C, H, W]`` of the rows written, channels-last memory."""

@@ -356,6 +356,7 @@ def test_batch_rows_hold_each_samples_view_also_after_a_bad_sample(
     assert s.bad_samples == 1 and len(ids_of(batches)) == len(images) - 1
     for batch in batches:
         assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+        assert batch["image"].data_ptr() % 32 == 16  # rows written through the cache (decode.cached_rows)
         for key, image in zip(batch["id"], batch["image"]):
             assert torch.equal(image, view(decode_rgb(images[key], view.decode_size)))
     if workers == 0:  # all but each batch's first image decode into their rows at the packed size
