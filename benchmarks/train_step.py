@@ -40,7 +40,8 @@ from memetrain.data.transforms import build_view
 from memetrain.engine.checkpoint import Checkpointer
 from memetrain.engine.distributed import build_accelerator
 from memetrain.engine.logger import RunLogger
-from memetrain.engine.optim import build_adamw
+from memetrain.engine.model_options import apply_trainer_options
+from memetrain.engine.optim import build_optimizer
 from memetrain.engine.schedules import cosine, warmup_cosine
 from memetrain.engine.trainer import Trainer, TrainerSettings
 from memetrain.methods import DataInfo, build_method
@@ -122,13 +123,14 @@ class FrameworkLoop:
     """The real Trainer's ``fit``, run block by block; checkpoints are not written (a benchmark)."""
 
     def __init__(self, cfg, info: DataInfo, batches: list[dict], run_dir: Path):
-        t = cfg.trainer
-        accelerator = build_accelerator(t.precision, 1, t.timeout_minutes)
+        t, options = cfg.trainer, OmegaConf.to_container(cfg.trainer, resolve=True)
+        accelerator = build_accelerator(options, cfg.data.batch_size, 1)  # as run.py builds them
         method = build(cfg, info)
-        optimizer = build_adamw(method.param_groups(t.weight_decay), t.lr, t.betas, t.eps, accelerator.device)
+        scalars = apply_trainer_options(method, options, 1)
+        optimizer = build_optimizer(method.param_groups(t.weight_decay), options, accelerator.device)
         model, optimizer = accelerator.prepare(method, optimizer)
         settings = TrainerSettings(**{field: t[field] for field in TrainerSettings.__dataclass_fields__})
-        checkpointer = Checkpointer(run_dir / "checkpoints", 1, accelerator)
+        checkpointer = Checkpointer(run_dir / "checkpoints", 1, accelerator, scalars)
         self.trainer = Trainer(settings, accelerator, model, optimizer, batches, checkpointer, "")
         self.trainer.save = lambda: None  # the checkpoint at the end of each block is not timed work
         self.run_dir = run_dir
