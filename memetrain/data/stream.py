@@ -242,7 +242,7 @@ class _SlotDataset(IterableDataset):
             yield buffer[pick]
 
     def _batch(self, chunk: list, epoch: int, slot: int, position: int) -> tuple[dict[str, Any], int]:
-        rows, texts, valid, dropped = [], [], [], 0
+        rows, keys, texts, valid, dropped = [], [], [], [], 0
         if self.shared is not None:  # in a worker: the images go to the main process
             self.shared.start()
         images = _BatchImages(len(chunk), self.shared)
@@ -264,17 +264,14 @@ class _SlotDataset(IterableDataset):
             )
             images.add(key, self.view(image, rng))
             rows.append(row)
+            keys.append(key)
             texts.append(text)
             valid.append(not pad)
-        if not rows:
+        if not keys:
             raise StreamError(
                 f"every sample of a batch was bad (first: {self.keys[chunk[0][0]]!r}); the shards need fixing"
             )
-        batch: dict[str, Any] = {
-            "id": [self.keys[row] for row in rows],
-            "text": texts,
-            "bad_samples": dropped,
-        }
+        batch: dict[str, Any] = {"id": keys, "text": texts, "bad_samples": dropped}
         batch.update(images.batched())
         if self.shared is not None:
             self.shared.finish(batch)
