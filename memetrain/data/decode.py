@@ -16,6 +16,10 @@ into memory 16 bytes past a boundary (:func:`cached_write_offset`), where every 
 that is a multiple of 32 is written through the cache (before, where an allocation happened to
 fall decided the speed).
 
+A batch of JPEGs of one size is decoded in one call by :func:`decode_jpeg_rows` (the native
+``_jpeg_rows``, the same libjpeg-turbo decode with the GIL released once per batch), which saves
+the stream's per-image Python and lets worker threads decode in parallel.
+
 The header is always read first, so an image over ``MAX_PIXELS`` is refused before its pixels
 are allocated, and a truncated or corrupt image is refused by either decoder.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +37,11 @@ import torch
 from PIL import Image
 
 from memetrain.data.images import MAX_PIXELS
+
+try:
+    from memetrain.data._jpeg_rows import decode_rows as _decode_rows
+except ImportError:  # built without libjpeg-turbo's headers (see setup.py)
+    _decode_rows = None
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 STORE_ALIGNMENT = 32
@@ -91,6 +101,17 @@ def decode_rgb(
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
+def decode_jpeg_rows(images: Sequence[bytes | memoryview], rows: np.ndarray) -> bytes | None:
+    """Decode each JPEG of exactly ``rows``' image size into its row of ``rows`` (contiguous
+    ``[N, H, W, 3]`` uint8, N at least ``len(images)``), in one native call without the GIL. One
+    status per image, 1 if decoded; 0 for an image that must go through :func:`decode_rgb` (another
+    size or kind, or corrupt: that call then names the error). ``None``: the native decoder was not
+    built, decode every image with :func:`decode_rgb`."""
+    if _decode_rows is None:
+        return None
+    return _decode_rows(images, rows, rows.shape[1], rows.shape[2])
+
+
 def cached_write_offset(address: int) -> int:
     """Bytes past ``address`` to where JPEG rows decoded there are written through the cache (see
     the module docstring): 16 past a 32-byte boundary."""
@@ -116,7 +137,8 @@ def _check_pixels(width: int, height: int) -> None:
 
 
 class SampleDecoder:
-    """A sample's image and text bytes to (image tensor, text); anything off raises :class:`BadSample`.
+    """A sample's image bytes to an image tensor, its text bytes to text; anything off raises
+    :class:`BadSample`.
 
     The members themselves (present, in the shard, with valid labels) were checked when the
     split's sample index was made (``sample_index``)."""
@@ -124,18 +146,20 @@ class SampleDecoder:
     def __init__(self, decode_size: int | None):
         self.decode_size = decode_size
 
-    def __call__(
-        self, key: str, image: bytes | memoryview, text: bytes | memoryview, out: Row | None = None
-    ) -> tuple[torch.Tensor, str]:
-        """``out``: memory the image may be decoded into (see :func:`decode_rgb`)."""
+    @staticmethod
+    def text(key: str, text: bytes | memoryview) -> str:
         try:
             decoded = str(text, "utf-8")
         except UnicodeDecodeError:
             raise BadSample(key, "txt member is not valid UTF-8") from None
         if not decoded.strip():
             raise BadSample(key, "txt member is empty (a meme needs its text, as the pack requires)")
+        return decoded
+
+    def image(self, key: str, image: bytes | memoryview, out: Row | None = None) -> torch.Tensor:
+        """``out``: memory the image may be decoded into (see :func:`decode_rgb`)."""
         try:
-            return decode_rgb(image, self.decode_size, out), decoded
+            return decode_rgb(image, self.decode_size, out)
         except ImageTooLarge as err:
             raise BadSample(key, str(err)) from None
         except Exception as err:  # PIL and simplejpeg raise many types for corrupt data

@@ -39,12 +39,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from memetrain.data.decode import STORE_ALIGNMENT, BadSample, Row, SampleDecoder, cached_rows
+from memetrain.data.decode import (
+    STORE_ALIGNMENT,
+    BadSample,
+    Row,
+    SampleDecoder,
+    cached_rows,
+    decode_jpeg_rows,
+)
 from memetrain.data.manifest import Manifest
 from memetrain.data.sample_index import SampleIndex
 from memetrain.data.shard_reader import ShardFormatError
 from memetrain.data.shared_batches import TICKET, BatchReturns, SharedBatches
 from memetrain.data.tokenizer import TextEncoder, TokenTable
+from memetrain.data.worker_threads import WorkerThreads
 from memetrain.errors import ConfigError, MemetrainError
 
 log = logging.getLogger(__name__)
@@ -154,26 +162,28 @@ class _SlotDataset(IterableDataset):
         self.shared: SharedBatches | None = None  # made in each worker process
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        try:
-            yield from self._batches()
-        except MemetrainError as err:
-            # Raised in a loader worker, it would reach the main process as a traceback in text;
-            # sent as an item it arrives whole, and MemeStream raises it there as the error it is.
-            yield {"error": err}
-
-    def _batches(self) -> Iterator[dict[str, Any]]:
+        """The batches of one epoch in a loader worker process (or in this process, without workers)."""
         info = get_worker_info()
-        epoch, skip = self.epoch.value, self.skip.value
-        workers = info.num_workers if info else 1
-        # The loader takes batch t from worker t % workers, starting at worker 0; after ``skip``
-        # batches the next one is due from logical worker skip % workers, so rotate the ids.
-        worker = ((info.id if info else 0) + skip) % workers
         if info is not None and self.shared is None:  # the first epoch in this worker process
             # What the worker inherited (torch, the dataset: ~340k objects) lives as long as it does;
             # frozen, full garbage collections stop scanning it (they took a tenth of a worker's time).
             gc.freeze()
             by_reference = not self.s.pin_memory  # the loader pins tensors, not references
             self.shared = SharedBatches(self.released, self.mapped, info.id, self.ring_depth, by_reference)
+        try:
+            yield from self.batches(info.id if info else 0, info.num_workers if info else 1, self.shared)
+        except MemetrainError as err:
+            # Raised in a loader worker, it would reach the main process as a traceback in text;
+            # sent as an item it arrives whole, and MemeStream raises it there as the error it is.
+            yield {"error": err}
+
+    def batches(self, worker_id: int, workers: int, shared: SharedBatches | None) -> Iterator[dict[str, Any]]:
+        """Worker ``worker_id`` of ``workers``'s batches of the current epoch, images written into
+        ``shared`` (None: fresh tensors)."""
+        epoch, skip = self.epoch.value, self.skip.value
+        # The loader takes batch t from worker t % workers, starting at worker 0; after ``skip``
+        # batches the next one is due from logical worker skip % workers, so rotate the ids.
+        worker = (worker_id + skip) % workers
         slot, slots = self.rank * workers + worker, self.world_size * workers
         delivered = len(range(worker, skip, workers))  # this worker's share of the batches already consumed
         if self.s.mode == "exact":
@@ -198,7 +208,7 @@ class _SlotDataset(IterableDataset):
             if index < delivered:
                 continue
             position = index * self.s.batch_size
-            batch, dropped = self._batch(chunk, epoch, slot, position)
+            batch, dropped = self._batch(chunk, epoch, slot, position, shared)
             bad += dropped
             if bad > self.s.max_bad_samples:
                 raise StreamError(
@@ -241,17 +251,24 @@ class _SlotDataset(IterableDataset):
         for pick in rng.permutation(len(buffer)):
             yield buffer[pick]
 
-    def _batch(self, chunk: list, epoch: int, slot: int, position: int) -> tuple[dict[str, Any], int]:
+    def _batch(
+        self, chunk: list, epoch: int, slot: int, position: int, shared: SharedBatches | None
+    ) -> tuple[dict[str, Any], int]:
         rows, keys, texts, valid, dropped = [], [], [], [], 0
-        if self.shared is not None:  # in a worker: the images go to the main process
-            self.shared.start()
-        images = _BatchImages(len(chunk), self.shared)
+        if shared is not None:
+            shared.start()
+        images = _BatchImages(len(chunk), shared)
         for offset, (row, image_bytes, text_bytes, pad) in enumerate(chunk):
             key = self.keys[row]
+            if images.rest_in_rows:  # the rest of the batch's JPEGs in one native call
+                images.decode_rows([sample[1] for sample in chunk[offset:]], first=offset)
             try:
                 if row in self.problems:
                     raise BadSample(key, self.problems[row])
-                image, text = self.decoder(key, image_bytes, text_bytes, images.next_row())
+                text = self.decoder.text(key, text_bytes)
+                image = images.decoded(offset)
+                if image is None:
+                    image = self.decoder.image(key, image_bytes, images.next_row())
             except BadSample as bad:
                 log.warning("skipping bad %s", bad)
                 dropped += 1
@@ -262,7 +279,7 @@ class _SlotDataset(IterableDataset):
                 if self.view.random
                 else None
             )
-            images.add(key, self.view(image, rng))
+            images.add(key, self.view(image, rng), image)
             rows.append(row)
             keys.append(key)
             texts.append(text)
@@ -273,8 +290,8 @@ class _SlotDataset(IterableDataset):
             )
         batch: dict[str, Any] = {"id": keys, "text": texts, "bad_samples": dropped}
         batch.update(images.batched())
-        if self.shared is not None:
-            self.shared.finish(batch)
+        if shared is not None:
+            shared.finish(batch)
         # small arrays stay numpy until the main process (see _small_tensors)
         batch["labels"] = self.index.labels[rows].astype(np.int64)
         batch["valid"] = np.asarray(valid, dtype=bool)
@@ -291,7 +308,9 @@ class _BatchImages:
     carries it to the main process). Rows are HWC, so the batch is channels last and each write a
     plain copy. Once the batch's image size is known, :meth:`next_row` offers the next row to the
     decoder: an image of that very size is decoded into it, and a view that returns it unchanged
-    (``Resize`` of an image packed at the view's size) costs no copy and no check."""
+    (``Resize`` of an image packed at the view's size) costs no copy and no check. When the first
+    image had the rows' size, :meth:`decode_rows` decodes the rest of the batch's JPEGs into
+    their rows in one native call."""
 
     def __init__(self, capacity: int, shared: SharedBatches | None):
         self.capacity, self.shared = capacity, shared
@@ -299,11 +318,31 @@ class _BatchImages:
         self._buffers: list[torch.Tensor] = []  # per view of a sample: [capacity, H, W, C]
         self._pixels: list[np.ndarray] = []  # the rows of a single uint8 view's buffer, once made
         self._images: tuple[torch.Tensor, ...] = ()  # the same rows as [C, H, W] tensors
+        self.rest_in_rows = False  # the first image had the rows' size, and decode_rows is still to come
+        self._statuses, self._first, self._first_row = b"", 0, 0  # of decode_rows
 
     def next_row(self) -> Row | None:
         return Row(self._pixels[self.count], self._images[self.count]) if self._images else None
 
-    def add(self, key: str, view: torch.Tensor | list[torch.Tensor]) -> None:
+    def decode_rows(self, images: list[memoryview], first: int) -> None:
+        """Decode ``images``, the batch's samples from ``first`` on, into the rows from the next
+        one on (see :meth:`decoded`); without the native decoder, nothing."""
+        statuses = decode_jpeg_rows(images, self._buffers[0].numpy()[self.count : self.count + len(images)])
+        self._statuses, self._first, self._first_row = statuses or b"", first, self.count
+        self.rest_in_rows = False
+
+    def decoded(self, sample: int) -> torch.Tensor | None:
+        """The image of the batch's sample ``sample`` if :meth:`decode_rows` decoded it, in the next
+        row (moved there when samples before it were dropped); None if it must be decoded."""
+        at = sample - self._first
+        if not 0 <= at < len(self._statuses) or not self._statuses[at]:
+            return None
+        if self._first_row + at != self.count:
+            np.copyto(self._pixels[self.count], self._pixels[self._first_row + at])
+        return self._images[self.count]
+
+    def add(self, key: str, view: torch.Tensor | list[torch.Tensor], decoded: torch.Tensor) -> None:
+        """Write the ``view`` made of image ``decoded`` into the next row."""
         if self._images and view is self._images[self.count]:
             self.count += 1  # decoded into its row and passed through unchanged
             return
@@ -314,6 +353,7 @@ class _BatchImages:
             if not self.multi_view and view.dtype == torch.uint8:
                 self._pixels = list(self._buffers[0].numpy())
                 self._images = self._buffers[0].permute(0, 3, 1, 2).unbind(0)
+                self.rest_in_rows = decoded.shape == view.shape
         for index, (buffer, image) in enumerate(zip(self._buffers, images, strict=True)):
             row, hwc = buffer[self.count], image.permute(1, 2, 0)
             if hwc.shape != row.shape or image.dtype != row.dtype:
@@ -327,7 +367,10 @@ class _BatchImages:
                 continue  # decoded into the row, passed through unchanged
             if hwc.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
                 hwc = hwc.clone()  # a view of the row itself (say, transposed) would be overwritten as read
-            row.copy_(hwc)
+            if self._pixels:
+                np.copyto(self._pixels[self.count], hwc.numpy())  # numpy's copy: no intra-op threads
+            else:
+                row.copy_(hwc)
         self.count += 1
 
     def _empty(self, image: torch.Tensor) -> torch.Tensor:
@@ -358,6 +401,7 @@ class StreamSettings:
     mode: str = "exact"
     drop_last: bool = False
     num_workers: int = 2
+    worker_kind: str = "process"
     prefetch_factor: int = 4
     pin_memory: bool = False
     max_bad_samples: int = 10
@@ -368,6 +412,8 @@ class StreamSettings:
             raise ConfigError(f"stream mode {self.mode!r}: choose exact or resampled")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}: must be at least 1")
+        if self.worker_kind not in ("process", "thread"):
+            raise ConfigError(f"worker_kind={self.worker_kind!r}: choose process or thread")
 
 
 class MemeStream:
@@ -420,6 +466,7 @@ class MemeStream:
         self._mapped = multiprocessing.RawArray("q", max(1, settings.num_workers) * self.ring_depth)
         self._returns = BatchReturns(self._released, self._mapped, self.ring_depth)
         self._loader: DataLoader | None = None
+        self._threads: WorkerThreads | None = None
 
     @property
     def ring_depth(self) -> int:
@@ -444,7 +491,7 @@ class MemeStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._shared_epoch.value, self._shared_skip.value = self.epoch, self.batches_done
         self._returns.collect()  # before the workers start prefetching: last epoch's batches are done
-        for batch in _batches_from(self._dataloader()):
+        for batch in self._worker_batches():
             if "error" in batch:
                 raise batch["error"]
             self.batches_done += 1
@@ -464,6 +511,13 @@ class MemeStream:
                 batch[name] = torch.from_numpy(batch[name])
         batch["label"] = batch["labels"][:, self.main_index]
         return batch
+
+    def _worker_batches(self) -> Iterator[dict[str, Any]]:
+        if self.settings.worker_kind == "process" or self.settings.num_workers == 0:
+            return _batches_from(self._dataloader())
+        if self._threads is None:
+            self._threads = _worker_threads(_SlotDataset(self), self.settings)
+        return iter(self._threads)
 
     def _dataloader(self) -> DataLoader:
         if self._loader is None:
@@ -551,6 +605,32 @@ def _batches_from(loader: DataLoader) -> Iterator[dict[str, Any]]:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return batches
+
+
+def _worker_threads(dataset: _SlotDataset, settings: StreamSettings) -> WorkerThreads:
+    """Worker threads, each with its own ring of image buffers (reused once the consumer is done
+    with a batch, as in worker processes); with ``pin_memory``, each batch's images are copied to
+    pinned memory in the worker thread (where a DataLoader has a thread of its own for it)."""
+    workers = settings.num_workers
+    rings = [
+        SharedBatches(dataset.released, dataset.mapped, worker, dataset.ring_depth, by_reference=False)
+        for worker in range(workers)
+    ]
+    pin = settings.pin_memory and torch.cuda.is_available()
+
+    def batches(worker: int) -> Iterator[dict[str, Any]]:
+        for batch in dataset.batches(worker, workers, rings[worker]):
+            yield _pinned(batch) if pin else batch
+
+    return WorkerThreads(batches, workers, settings.prefetch_factor)
+
+
+def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
+    for key in ("image", "views"):
+        if key in batch:
+            value = batch[key]
+            batch[key] = [view.pin_memory() for view in value] if key == "views" else value.pin_memory()
+    return batch
 
 
 def _init_worker(worker_id: int) -> None:

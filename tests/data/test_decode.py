@@ -132,3 +132,37 @@ def test_oversize_truncated_and_garbage_images_are_refused(monkeypatch):
         decode_rgb(b"\xff\xd8\xff garbage", 32)
     with pytest.raises(UnidentifiedImageError):
         decode_rgb(b"GIF89a not really", 32)
+
+
+def test_a_batch_of_jpegs_decodes_in_one_native_call_to_simplejpegs_pixels():
+    assert decode._decode_rows is not None, "the native decoder was not built (setup.py): pip install -e ."
+    size = (61, 47)
+    decoded = [  # every kind of 3-component JPEG the pack or a source may hold, at the rows' size
+        encoded("RGB", size, quality=90),  # 4:2:0
+        encoded("RGB", size, quality=75, subsampling=0),  # 4:4:4
+        encoded("RGB", size, quality=80, subsampling=1),  # 4:2:2
+        encoded("RGB", size, progressive=True),
+        encoded("RGB", size, quality=95, optimize=True),
+    ]
+    refused = [  # decode_rgb's to decode: it names their errors or takes another path
+        encoded("L", size),  # one component
+        encoded("CMYK", size),  # PIL's conversion
+        encoded("RGB", (60, 47)),  # another size
+        decoded[0][: len(decoded[0]) // 2],  # truncated: libjpeg's warning is an error, as in simplejpeg
+        b"\xff\xd8\xff garbage",
+        encoded("RGB", size, "PNG"),
+        b"",
+    ]
+    rows = np.zeros((len(decoded) + len(refused) + 1, 47, 61, 3), dtype=np.uint8)
+    statuses = decode.decode_jpeg_rows([memoryview(data) for data in decoded + refused], rows)
+    assert list(statuses) == [1] * len(decoded) + [0] * len(refused)
+    for data, row in zip(decoded, rows):
+        assert torch.equal(torch.from_numpy(row).permute(2, 0, 1), decode_rgb(data))
+    assert not rows[-1].any()  # nothing past the images
+    with pytest.raises(ValueError, match="out holds"):
+        decode.decode_jpeg_rows(decoded, rows[:2])
+
+
+def test_without_the_native_decoder_batches_decode_one_image_at_a_time(monkeypatch):
+    monkeypatch.setattr(decode, "_decode_rows", None)
+    assert decode.decode_jpeg_rows([encoded("RGB", (61, 47))], np.zeros((1, 47, 61, 3), np.uint8)) is None

@@ -327,11 +327,21 @@ def packed_images(shards: Path, split: str) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("size", [64, 32])  # the packed size (decoded into the batch), or resized
+@pytest.mark.parametrize("native", [True, False])  # decode.decode_jpeg_rows, or one image at a time
 def test_batch_rows_hold_each_samples_view_also_after_a_bad_sample(
-    synth_shards, tmp_path, monkeypatch, workers, size
+    synth_shards, tmp_path, monkeypatch, workers, size, native
 ):
+    assert decode._decode_rows is not None, "the native decoder was not built (setup.py): pip install -e ."
     root = copy_pack(synth_shards, tmp_path / "copy")
     in_place, fresh, decode_jpeg, empty_rgb = [], [], decode.simplejpeg.decode_jpeg, decode.empty_rgb
+    in_rows, decode_rows = [], decode._decode_rows
+
+    def counted_rows(images, rows, height, width):
+        statuses = decode_rows(images, rows, height, width)
+        in_rows.append(sum(statuses))
+        return statuses
+
+    monkeypatch.setattr(decode, "_decode_rows", counted_rows if native else None)
 
     def counted(data, *args, buffer=None, **kwargs):
         in_place.append(buffer is not None and not any(buffer is memory for memory in fresh))
@@ -359,8 +369,13 @@ def test_batch_rows_hold_each_samples_view_also_after_a_bad_sample(
         assert batch["image"].data_ptr() % 32 == 16  # rows written through the cache (decode.cached_rows)
         for key, image in zip(batch["id"], batch["image"]):
             assert torch.equal(image, view(decode_rgb(images[key], view.decode_size)))
-    if workers == 0:  # all but each batch's first image decode into their rows at the packed size
-        assert sum(in_place) == (len(images) - len(batches) if size == 64 else 0)
+    if workers == 0 and size == 32:  # resized: nothing is decoded into the rows
+        assert sum(in_place) == sum(in_rows) == 0
+    elif workers == 0 and native:  # all but each batch's first image and the bad one, in one call per batch
+        assert in_rows == [len(batch["id"]) - 1 for batch in batches] and sum(in_place) == 1
+        # (the bad one, refused there, is retried one image at a time into its row, and fails again)
+    elif workers == 0:  # all but each batch's first image, one at a time into its row
+        assert sum(in_place) == len(images) - len(batches) and in_rows == []
 
 
 def test_multi_view_batch_rows_hold_each_samples_views(synth_shards):
