@@ -223,6 +223,7 @@ def _stream(
         shuffle_buffer=data.shuffle_buffer,
         drop_last=train,
         num_workers=data.num_workers,
+        worker_kind=data.worker_kind,
         pin_memory=torch.cuda.is_available(),
         max_bad_samples=data.max_bad_samples,
         verify_checksums=data.verify_checksums,

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import tarfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -184,12 +185,16 @@ def test_worker_count_does_not_change_the_augmentation_of_a_sample(synth_shards)
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize(("workers", "consumed"), [(0, 3), (2, 3), (2, 4), (3, 7)])
-def test_resume_continues_exactly_where_an_uninterrupted_stream_goes(synth_shards, workers, consumed):
+@pytest.mark.parametrize(
+    ("workers", "consumed", "kind"),
+    [(0, 3, "process"), (2, 3, "process"), (2, 4, "thread"), (3, 7, "thread")],
+)
+def test_resume_continues_exactly_where_an_uninterrupted_stream_goes(synth_shards, workers, consumed, kind):
     settings = dict(batch_size=8, num_workers=workers, seed=11, shuffle_buffer=20)
-    reference = stream(synth_shards, **settings)
+    reference = stream(synth_shards, **settings)  # worker processes, whatever ``kind`` resumes with
     uninterrupted = list(reference) + list(reference)  # two epochs
 
+    settings["worker_kind"] = kind
     first = stream(synth_shards, **settings)
     head = [batch for _, batch in zip(range(consumed), first)]
     state = first.state_dict()
@@ -311,6 +316,10 @@ def test_corrupt_images_are_counted_logged_and_dropped(synth_shards, tmp_path, c
     assert "image cannot be decoded" in caplog.text and "synth" in caplog.text
     with pytest.raises(StreamError, match="over max_bad_samples=1"):
         list(stream(root, "dev", batch_size=4, max_bad_samples=1))
+    threads = threading.active_count()
+    with pytest.raises(StreamError, match="worker 0, over max_bad_samples=1"):  # raised in its thread
+        list(stream(root, "dev", batch_size=4, max_bad_samples=1, num_workers=2, worker_kind="thread"))
+    assert threading.active_count() == threads, "the worker threads must end with the error"
 
 
 def packed_images(shards: Path, split: str) -> dict[str, bytes]:

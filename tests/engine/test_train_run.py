@@ -21,7 +21,10 @@ pytestmark = pytest.mark.slow
 def finished_run(synth_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     result = run_launcher(
-        "train.py", *tiny_run_overrides(synth_shards, run_dir), "eval.protocols=[classifier,linear_probe,knn]"
+        "train.py",
+        *tiny_run_overrides(synth_shards, run_dir),
+        "eval.protocols=[classifier,linear_probe,knn]",
+        "data.worker_kind=thread",  # every other run here has worker processes
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir
@@ -102,6 +105,7 @@ def test_predictions_are_written_per_protocol_and_split(finished_run):
         (["data.shards=/nonexistent/shards"], "error: no manifest.json in /nonexistent/shards"),
         (["trainer.global_batch_size=24"], "error: trainer.global_batch_size=24 is not a multiple"),
         (["resume=maybe"], "error: resume='maybe'"),
+        (["data.worker_kind=threads"], "error: worker_kind='threads': choose process or thread"),
         (
             ["method=clip", "model=clip_small", "eval=probe", "data.unlabeled_splits=[pool]"],
             "error: data.unlabeled_splits names ['pool'], which the pack at",
