@@ -176,13 +176,17 @@ def test_same_seed_same_batches_other_seed_or_epoch_other_order(synth_shards):
     assert ids_of(list(two_epochs)) != ids_of(first)
 
 
-def test_worker_count_does_not_change_the_augmentation_of_a_sample(synth_shards):
-    """Augmentation is seeded per (seed, epoch, slot, position), not by process state."""
+def test_augmentation_depends_on_the_sample_not_on_the_worker_process_or_thread(synth_shards):
+    """Augmentation is seeded per (seed, epoch, slot, position), not by process or thread state."""
     from memetrain.data.transforms import AssignmentAugment
 
     a = list(stream(synth_shards, view=AssignmentAugment(32), num_workers=2, shuffle=False))
     b = list(stream(synth_shards, view=AssignmentAugment(32), num_workers=2, shuffle=False))
-    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    threads = list(stream(synth_shards, view=AssignmentAugment(32), num_workers=2, worker_kind="thread"))
+    processes = list(stream(synth_shards, view=AssignmentAugment(32), num_workers=2))
+    assert ids_of(a) == ids_of(b) and ids_of(threads) == ids_of(processes)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b, strict=True))
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(threads, processes, strict=True))
 
 
 @pytest.mark.parametrize(
