@@ -101,6 +101,11 @@ def decode_rgb(
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
+def native_rows() -> bool:
+    """Whether the native batch decoder was built (see setup.py)."""
+    return _decode_rows is not None
+
+
 def decode_jpeg_rows(images: Sequence[bytes | memoryview], rows: np.ndarray) -> bytes | None:
     """Decode each JPEG of exactly ``rows``' image size into its row of ``rows`` (contiguous
     ``[N, H, W, 3]`` uint8, N at least ``len(images)``), in one native call without the GIL. One

@@ -15,6 +15,9 @@ buffer is never overwritten while anything may still read it; when no slot is fr
 that keeps batches, an iterator dropped mid-epoch) it takes fresh shared memory, as torch would.
 A slot's buffers are sent by reference only once the main process has recorded (``mapped``) that
 it holds that very generation of them; otherwise they go as tensors, as torch sends them.
+
+Worker threads (``worker_kind="thread"``) use the same ring, release rule and all: their batches
+are tensors of this process already, and reused buffers spare them fresh memory's page faults.
 """
 
 from __future__ import annotations

@@ -8,11 +8,16 @@ The pipeline, for one (rank, worker) "slot" and one epoch::
               the offsets in the split's sample index (no tar header parsed, nothing copied)
     shuffle   a buffer of ``shuffle_buffer`` raw samples, seeded from (seed, epoch, slot)
     batch     ``batch_size`` raw samples at a time
-    decode    image (``decode.decode_rgb``) and text; a bad sample is counted and dropped
+    decode    image and text; a bad sample is counted and dropped. The first image goes through
+              ``decode.decode_rgb``; when it has the batch rows' size, the rest of the batch's
+              JPEGs are decoded into their rows in one native call (``decode.decode_jpeg_rows``)
     view      the view of each image, seeded from (seed, epoch, slot, position), written at once
-              into its row of the batch (in a worker, a shared buffer it reuses: ``shared_batches``)
+              into its row of the batch (in a worker, a buffer of a ring it reuses: ``shared_batches``)
     collate   uint8 images, token ids (the pack's, padded, when the encoder is the packed
               tokenizer), labels (the index's), ``valid`` (False for padding in the last batch)
+
+Workers are DataLoader processes (``worker_kind="process"``) or threads of this process
+(``"thread"``, :mod:`memetrain.data.worker_threads`); both deliver the very same batches.
 
 Everything random is a pure function of the seed, the epoch and a position, so a resumed stream
 replays the raw samples it already delivered (cheap: nothing is decoded) and continues with
@@ -22,6 +27,7 @@ exactly the batches an uninterrupted stream would have produced.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import hashlib
 import logging
@@ -46,6 +52,7 @@ from memetrain.data.decode import (
     SampleDecoder,
     cached_rows,
     decode_jpeg_rows,
+    native_rows,
 )
 from memetrain.data.manifest import Manifest
 from memetrain.data.sample_index import SampleIndex
@@ -455,6 +462,8 @@ class MemeStream:
             " ".join(shard.sha256 for shard in shard_infos).encode()
         ).hexdigest()
         self.settings, self.view, self.text_encoder = settings, view, text_encoder
+        if not native_rows():
+            _warn_without_native_rows()
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
         self.world_size = world_size or (torch.distributed.get_world_size() if distributed else 1)
@@ -605,6 +614,14 @@ def _batches_from(loader: DataLoader) -> Iterator[dict[str, Any]]:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return batches
+
+
+@functools.cache
+def _warn_without_native_rows() -> None:
+    log.warning(
+        "memetrain's native JPEG batch decoder was not built (libjpeg-turbo's headers were missing at "
+        "install: apt-get install libjpeg62-turbo-dev, then pip install -e . again); decoding one image at a time"
+    )
 
 
 def _worker_threads(dataset: _SlotDataset, settings: StreamSettings) -> WorkerThreads:

@@ -165,4 +165,5 @@ def test_a_batch_of_jpegs_decodes_in_one_native_call_to_simplejpegs_pixels():
 
 def test_without_the_native_decoder_batches_decode_one_image_at_a_time(monkeypatch):
     monkeypatch.setattr(decode, "_decode_rows", None)
+    assert not decode.native_rows()
     assert decode.decode_jpeg_rows([encoded("RGB", (61, 47))], np.zeros((1, 47, 61, 3), np.uint8)) is None

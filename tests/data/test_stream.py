@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from memetrain.data import decode
+from memetrain.data import stream as stream_module
 from memetrain.data.decode import decode_rgb
 from memetrain.data.manifest import Manifest, ManifestError
 from memetrain.data.stream import MemeStream, StreamError, StreamSettings, epoch_plan
@@ -342,7 +343,7 @@ def packed_images(shards: Path, split: str) -> dict[str, bytes]:
 @pytest.mark.parametrize("size", [64, 32])  # the packed size (decoded into the batch), or resized
 @pytest.mark.parametrize("native", [True, False])  # decode.decode_jpeg_rows, or one image at a time
 def test_batch_rows_hold_each_samples_view_also_after_a_bad_sample(
-    synth_shards, tmp_path, monkeypatch, workers, size, native
+    synth_shards, tmp_path, monkeypatch, caplog, workers, size, native
 ):
     assert decode._decode_rows is not None, "the native decoder was not built (setup.py): pip install -e ."
     root = copy_pack(synth_shards, tmp_path / "copy")
@@ -374,7 +375,10 @@ def test_batch_rows_hold_each_samples_view_also_after_a_bad_sample(
 
     rewrite_shard(root, "dev", truncate_second_image)
     images, view = packed_images(root, "dev"), Resize(size)
-    s = stream(root, "dev", view, batch_size=4, num_workers=workers, shuffle=False)
+    stream_module._warn_without_native_rows.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        s = stream(root, "dev", view, batch_size=4, num_workers=workers, shuffle=False)
+    assert ("native JPEG batch decoder was not built" in caplog.text) is not native
     batches = list(s)
     assert s.bad_samples == 1 and len(ids_of(batches)) == len(images) - 1
     for batch in batches:
