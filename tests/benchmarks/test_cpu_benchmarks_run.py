@@ -13,7 +13,7 @@ from tests.helpers import REPO
 pytestmark = pytest.mark.slow
 
 SCRIPTS = {
-    "data_pipeline.py": ([], "| MemeStream: Resize(224) + tokens, 2 workers |"),
+    "data_pipeline.py": ([], "| MemeStream: Resize(224) + tokens, 2 worker threads |"),
     "train_step.py": (
         ["--cases", "clip_small"],
         "| CLIP, ResNet-18 + 2-layer transformer, 64 px, batch 32 |",
