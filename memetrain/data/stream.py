@@ -30,6 +30,7 @@ import ctypes
 import functools
 import gc
 import hashlib
+import itertools
 import logging
 import math
 import multiprocessing
@@ -185,12 +186,41 @@ class _SlotDataset(IterableDataset):
             yield {"error": err}
 
     def batches(self, worker_id: int, workers: int, shared: SharedBatches | None) -> Iterator[dict[str, Any]]:
-        """Worker ``worker_id`` of ``workers``'s batches of the current epoch, images written into
-        ``shared`` (None: fresh tensors)."""
-        epoch, skip = self.epoch.value, self.skip.value
+        """Loader worker ``worker_id`` of ``workers``'s batches of the current epoch, images written
+        into ``shared`` (None: fresh tensors)."""
         # The loader takes batch t from worker t % workers, starting at worker 0; after ``skip``
         # batches the next one is due from logical worker skip % workers, so rotate the ids.
-        worker = (worker_id + skip) % workers
+        worker = (worker_id + self.skip.value) % workers
+        bad = 0
+        for chunk in self._chunks(worker, workers):
+            batch, dropped = self._batch(*chunk, shared)
+            bad = self._count_bad(bad + dropped, worker)
+            yield batch
+
+    def tasks(self, workers: int) -> Iterator[Callable[[SharedBatches], dict[str, Any]]]:
+        """The current epoch's batches still to deliver, in the order a loader with ``workers``
+        workers delivers them, as tasks that any thread can run with its own ring of buffers."""
+        skip, lock = self.skip.value, threading.Lock()
+        chunks = [self._chunks(worker, workers) for worker in range(workers)]
+        bad = [0] * workers
+
+        def make(chunk: tuple, worker: int, ring: SharedBatches) -> dict[str, Any]:
+            batch, dropped = self._batch(*chunk, ring)
+            with lock:
+                bad[worker] = self._count_bad(bad[worker] + dropped, worker)
+            return batch
+
+        for delivered in itertools.count(skip):
+            worker = delivered % workers
+            chunk = next(chunks[worker], None)
+            if chunk is None:  # every worker has the same number of batches
+                return
+            yield functools.partial(make, chunk, worker)
+
+    def _chunks(self, worker: int, workers: int) -> Iterator[tuple[list, int, int, int]]:
+        """(raw samples, epoch, slot, position) of each batch of logical worker ``worker`` of
+        ``workers`` still to deliver this epoch."""
+        epoch, skip = self.epoch.value, self.skip.value
         slot, slots = self.rank * workers + worker, self.world_size * workers
         delivered = len(range(worker, skip, workers))  # this worker's share of the batches already consumed
         if self.s.mode == "exact":
@@ -209,20 +239,18 @@ class _SlotDataset(IterableDataset):
                 self.shard_sizes, slots, self.s.batch_size, self.s.seed, epoch, slot
             )
         raw = self._shuffled(self._read(segments), np.random.default_rng([self.s.seed, epoch, slot, 1]))
-        bad = 0
         for index in range(batches):
             chunk = [item for _, item in zip(range(self.s.batch_size), raw)]
-            if index < delivered:
-                continue
-            position = index * self.s.batch_size
-            batch, dropped = self._batch(chunk, epoch, slot, position, shared)
-            bad += dropped
-            if bad > self.s.max_bad_samples:
-                raise StreamError(
-                    f"{bad} bad samples on rank {self.rank} worker {worker}, over max_bad_samples="
-                    f"{self.s.max_bad_samples} (see the warnings above for which); fix or re-pack the shards"
-                )
-            yield batch
+            if index >= delivered:
+                yield chunk, epoch, slot, index * self.s.batch_size
+
+    def _count_bad(self, bad: int, worker: int) -> int:
+        if bad > self.s.max_bad_samples:
+            raise StreamError(
+                f"{bad} bad samples on rank {self.rank} worker {worker}, over max_bad_samples="
+                f"{self.s.max_bad_samples} (see the warnings above for which); fix or re-pack the shards"
+            )
+        return bad
 
     def _read(self, segments: list[Segment]) -> Iterator[tuple[int, memoryview, memoryview, bool]]:
         """(row in the stream's index, image bytes, text bytes, pad) of each planned sample."""
@@ -265,28 +293,33 @@ class _SlotDataset(IterableDataset):
         if shared is not None:
             shared.start()
         images = _BatchImages(len(chunk), shared)
+        passed_through = False  # natively decoded rows are the view itself: the view need not be called
         for offset, (row, image_bytes, text_bytes, pad) in enumerate(chunk):
             key = self.keys[row]
             if images.rest_in_rows:  # the rest of the batch's JPEGs in one native call
                 images.decode_rows([sample[1] for sample in chunk[offset:]], first=offset)
+                passed_through = not self.view.random and _passes_through(self.view, *images.row_size)
             try:
                 if row in self.problems:
                     raise BadSample(key, self.problems[row])
                 text = self.decoder.text(key, text_bytes)
-                image = images.decoded(offset)
-                if image is None:
-                    image = self.decoder.image(key, image_bytes, images.next_row())
+                taken = passed_through and images.take_decoded(offset)
+                if not taken:
+                    image = images.decoded(offset)
+                    if image is None:
+                        image = self.decoder.image(key, image_bytes, images.next_row())
             except BadSample as bad:
                 log.warning("skipping bad %s", bad)
                 dropped += 1
                 continue
-            # seeding a generator costs a third of a JPEG decode: only views that draw get one
-            rng = (
-                np.random.default_rng([self.s.seed, epoch, slot, position + offset])
-                if self.view.random
-                else None
-            )
-            images.add(key, self.view(image, rng), image)
+            if not taken:
+                # seeding a generator costs a third of a JPEG decode: only views that draw get one
+                rng = (
+                    np.random.default_rng([self.s.seed, epoch, slot, position + offset])
+                    if self.view.random
+                    else None
+                )
+                images.add(key, self.view(image, rng), image)
             rows.append(row)
             keys.append(key)
             texts.append(text)
@@ -323,29 +356,46 @@ class _BatchImages:
         self.capacity, self.shared = capacity, shared
         self.count, self.multi_view = 0, False
         self._buffers: list[torch.Tensor] = []  # per view of a sample: [capacity, H, W, C]
-        self._pixels: list[np.ndarray] = []  # the rows of a single uint8 view's buffer, once made
+        self._rows: np.ndarray | None = None  # a single uint8 view's buffer, as numpy, once made
+        self._pixels: list[np.ndarray] = []  # its rows, made when first asked for (see _row_views)
         self._images: tuple[torch.Tensor, ...] = ()  # the same rows as [C, H, W] tensors
         self.rest_in_rows = False  # the first image had the rows' size, and decode_rows is still to come
         self._statuses, self._first, self._first_row = b"", 0, 0  # of decode_rows
 
+    @property
+    def row_size(self) -> tuple[int, int]:
+        return self._rows.shape[1:3]
+
     def next_row(self) -> Row | None:
-        return Row(self._pixels[self.count], self._images[self.count]) if self._images else None
+        if self._rows is None:
+            return None
+        self._row_views()
+        return Row(self._pixels[self.count], self._images[self.count])
 
     def decode_rows(self, images: list[memoryview], first: int) -> None:
         """Decode ``images``, the batch's samples from ``first`` on, into the rows from the next
-        one on (see :meth:`decoded`); without the native decoder, nothing."""
-        statuses = decode_jpeg_rows(images, self._buffers[0].numpy()[self.count : self.count + len(images)])
+        one on (see :meth:`take_decoded`); without the native decoder, nothing."""
+        statuses = decode_jpeg_rows(images, self._rows[self.count : self.count + len(images)])
         self._statuses, self._first, self._first_row = statuses or b"", first, self.count
         self.rest_in_rows = False
 
-    def decoded(self, sample: int) -> torch.Tensor | None:
-        """The image of the batch's sample ``sample`` if :meth:`decode_rows` decoded it, in the next
-        row (moved there when samples before it were dropped); None if it must be decoded."""
+    def take_decoded(self, sample: int) -> bool:
+        """Whether :meth:`decode_rows` decoded the batch's sample ``sample``; if so its image is
+        in the next row (moved there when samples before it were dropped), now taken."""
         at = sample - self._first
         if not 0 <= at < len(self._statuses) or not self._statuses[at]:
-            return None
+            return False
         if self._first_row + at != self.count:
-            np.copyto(self._pixels[self.count], self._pixels[self._first_row + at])
+            self._rows[self.count] = self._rows[self._first_row + at]
+        self.count += 1
+        return True
+
+    def decoded(self, sample: int) -> torch.Tensor | None:
+        """As :meth:`take_decoded`, the image left in the next row for its view (None: not decoded)."""
+        if not self.take_decoded(sample):
+            return None
+        self.count -= 1
+        self._row_views()
         return self._images[self.count]
 
     def add(self, key: str, view: torch.Tensor | list[torch.Tensor], decoded: torch.Tensor) -> None:
@@ -358,8 +408,7 @@ class _BatchImages:
             self.multi_view = isinstance(view, list)
             self._buffers = [self._empty(image) for image in images]
             if not self.multi_view and view.dtype == torch.uint8:
-                self._pixels = list(self._buffers[0].numpy())
-                self._images = self._buffers[0].permute(0, 3, 1, 2).unbind(0)
+                self._rows = self._buffers[0].numpy()
                 self.rest_in_rows = decoded.shape == view.shape
         for index, (buffer, image) in enumerate(zip(self._buffers, images, strict=True)):
             row, hwc = buffer[self.count], image.permute(1, 2, 0)
@@ -374,11 +423,17 @@ class _BatchImages:
                 continue  # decoded into the row, passed through unchanged
             if hwc.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
                 hwc = hwc.clone()  # a view of the row itself (say, transposed) would be overwritten as read
-            if self._pixels:
-                np.copyto(self._pixels[self.count], hwc.numpy())  # numpy's copy: no intra-op threads
+            if self._rows is not None:
+                np.copyto(self._rows[self.count], hwc.numpy())  # numpy's copy: no intra-op threads
             else:
                 row.copy_(hwc)
         self.count += 1
+
+    def _row_views(self) -> None:
+        """Each row as numpy HWC and as a [C, H, W] tensor (128 objects: made only when needed)."""
+        if not self._images:
+            self._pixels = list(self._rows)
+            self._images = self._buffers[0].permute(0, 3, 1, 2).unbind(0)
 
     def _empty(self, image: torch.Tensor) -> torch.Tensor:
         channels, height, width = image.shape
@@ -624,22 +679,28 @@ def _warn_without_native_rows() -> None:
     )
 
 
+def _passes_through(view: Callable, height: int, width: int) -> bool:
+    """Whether ``view`` says it returns an image of this size unchanged (``Resize.passes_through``)."""
+    passes_through = getattr(view, "passes_through", None)
+    return passes_through is not None and passes_through(height, width)
+
+
 def _worker_threads(dataset: _SlotDataset, settings: StreamSettings) -> WorkerThreads:
     """Worker threads, each with its own ring of image buffers (reused once the consumer is done
     with a batch, as in worker processes); with ``pin_memory``, each batch's images are copied to
     pinned memory in the worker thread (where a DataLoader has a thread of its own for it)."""
     workers = settings.num_workers
     rings = [
-        SharedBatches(dataset.released, dataset.mapped, worker, dataset.ring_depth, by_reference=False)
-        for worker in range(workers)
+        SharedBatches(dataset.released, dataset.mapped, thread, dataset.ring_depth, by_reference=False)
+        for thread in range(workers)
     ]
     pin = settings.pin_memory and torch.cuda.is_available()
 
-    def batches(worker: int) -> Iterator[dict[str, Any]]:
-        for batch in dataset.batches(worker, workers, rings[worker]):
-            yield _pinned(batch) if pin else batch
+    def run(task: Callable[[SharedBatches], dict[str, Any]], thread: int) -> dict[str, Any]:
+        batch = task(rings[thread])
+        return _pinned(batch) if pin else batch
 
-    return WorkerThreads(batches, workers, settings.prefetch_factor)
+    return WorkerThreads(lambda: dataset.tasks(workers), run, workers, settings.prefetch_factor * workers)
 
 
 def _pinned(batch: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 A view maps a decoded ``uint8`` image tensor ``[3, H, W]`` and a per-sample ``numpy`` generator to
 one ``uint8`` tensor or a list of them (multi-view methods). It also says the size it decodes for
 (``decode_size``: large JPEGs are decoded at a reduced scale) and whether it draws from the
-generator (``random``; if not, it gets ``None``). Random parameters come only from that generator,
+generator (``random``; if not, it gets ``None``), and, if it can, which image sizes it returns
+unchanged (``passes_through(height, width)``: the stream then skips calling it for images decoded
+straight into their batch rows). Random parameters come only from that generator,
 which the stream seeds from (seed, epoch, slot, position): augmentations are identical across
 worker counts, restarts and resumes, and never touch the global RNGs. Batches stay ``uint8``
 until the device, where :class:`memetrain.models.ImageNormalizer` turns them into floats (4x less
@@ -74,8 +76,12 @@ class Resize:
         self.size = size
         self.decode_size = size
 
+    def passes_through(self, height: int, width: int) -> bool:
+        """Whether an image of this size is returned unchanged (the stream then need not call the view)."""
+        return height == width == self.size
+
     def __call__(self, image: Image, rng: np.random.Generator | None = None) -> Image:
-        if image.shape[-2:] == (self.size, self.size):
+        if self.passes_through(*image.shape[-2:]):
             return image  # as F.resize would, without its dispatch (a few µs, per sample)
         return F.resize(image, [self.size, self.size], antialias=True)
 

@@ -1,81 +1,89 @@
-"""Loader workers as threads of the training process, in the order a DataLoader would deliver.
+"""Loader workers as threads of the training process, delivering batches in a DataLoader's order.
 
-A JPEG decode releases the GIL, so with views that are mostly native work (a resize, a crop) the
-threads of one process decode in parallel, and the batch reaches the consumer without being
-pickled, sent through a pipe and received: that, and a third process competing for the cores,
-cost worker processes a tenth of the decode limit (benchmarks/README.md). A view that runs much
-Python per sample (a multi-crop of many torchvision transforms) holds the GIL for it, and there
-processes scale further.
+A JPEG decode releases the GIL (the stream decodes a batch's JPEGs in one native call), so the
+threads of one process decode in parallel, and a batch reaches the consumer without being pickled,
+sent through a pipe and received. The threads share the work: each takes the next batch due,
+whichever worker of the plan it belongs to, so none waits for the consumer to take another's batch
+first, nor idles while another finishes the epoch. A view that runs much Python per sample (a
+multi-crop of many torchvision transforms) holds the GIL for it, and there processes scale further.
 """
 
 from __future__ import annotations
 
-import queue
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 _END = object()
-_POLL_SECONDS = 0.1  # how soon a worker blocked on a full queue sees that the consumer has gone
+_POLL_SECONDS = 0.1  # how soon a thread waiting for room sees that the consumer has gone
 
 
 class WorkerThreads:
-    """Run ``batches(worker_id)`` for ``workers`` threads; iterate to get batch t from worker
-    t % workers, as ``DataLoader`` does. Each worker holds at most ``prefetch`` finished batches.
+    """Run the tasks of ``tasks()`` (one iterator per epoch) as ``run(task, thread)`` on
+    ``threads`` threads, at most ``lead`` of them ahead of the consumer; iterate to get their
+    results in the tasks' order.
 
-    An exception in a worker is raised in the consumer, in its place in the order. Closing the
-    iterator early (``break``) stops and joins the threads.
+    An exception in a task, or in ``tasks()`` itself, is raised in the consumer in that task's
+    place. Closing the iterator early (``break``) stops and joins the threads.
     """
 
-    def __init__(self, batches: Callable[[int], Iterator[dict[str, Any]]], workers: int, prefetch: int):
-        self.batches, self.workers, self.prefetch = batches, workers, prefetch
+    def __init__(
+        self,
+        tasks: Callable[[], Iterator[Any]],
+        run: Callable[[Any, int], Any],
+        threads: int,
+        lead: int,
+    ):
+        self.tasks, self.run, self.threads, self.lead = tasks, run, threads, lead
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        queues = [queue.Queue(self.prefetch) for _ in range(self.workers)]
-        stop = threading.Event()
-        threads = [
-            threading.Thread(
-                target=self._work,
-                args=(worker, queues[worker], stop),
-                name=f"meme-loader-{worker}",
-                daemon=True,
-            )
-            for worker in range(self.workers)
+    def __iter__(self) -> Iterator[Any]:
+        tasks, taking = self.tasks(), threading.Lock()  # taking: guards the tasks and their numbers
+        numbers = itertools.count()
+        done, results = threading.Condition(), {}
+        room, stop = threading.Semaphore(self.lead), threading.Event()
+
+        def work(thread: int) -> None:
+            while not stop.is_set():
+                if not room.acquire(timeout=_POLL_SECONDS):
+                    continue
+                with taking:
+                    number = next(numbers)
+                    try:
+                        task = next(tasks, _END)
+                    except BaseException as err:  # noqa: BLE001 - raised again in the consumer
+                        task = err
+                if task is _END or isinstance(task, BaseException):
+                    result = task
+                else:
+                    try:
+                        result = self.run(task, thread)
+                    except BaseException as err:  # noqa: BLE001 - raised again in the consumer
+                        result = err
+                with done:
+                    results[number] = result
+                    done.notify_all()
+                if result is _END or isinstance(result, BaseException):
+                    return
+
+        workers = [
+            threading.Thread(target=work, args=(thread,), name=f"meme-loader-{thread}", daemon=True)
+            for thread in range(self.threads)
         ]
-        for thread in threads:
-            thread.start()
+        for worker in workers:
+            worker.start()
         try:
-            active = list(range(self.workers))
-            while active:
-                for worker in list(active):
-                    item = queues[worker].get()
-                    if item is _END:
-                        active.remove(worker)
-                    elif isinstance(item, BaseException):
-                        raise item
-                    else:
-                        yield item
+            for number in itertools.count():
+                with done:
+                    done.wait_for(lambda number=number: number in results)
+                    result = results.pop(number)
+                if result is _END:
+                    return
+                if isinstance(result, BaseException):
+                    raise result
+                room.release()
+                yield result
         finally:
             stop.set()
-            for thread in threads:
-                thread.join()
-
-    def _work(self, worker: int, results: queue.Queue, stop: threading.Event) -> None:
-        try:
-            for batch in self.batches(worker):
-                if not _put(results, batch, stop):
-                    return
-        except BaseException as err:  # noqa: BLE001 - raised again in the consumer
-            _put(results, err, stop)
-        _put(results, _END, stop)
-
-
-def _put(results: queue.Queue, item: Any, stop: threading.Event) -> bool:
-    """Put ``item``, waiting for room unless the consumer stops; False if it stopped."""
-    while not stop.is_set():
-        try:
-            results.put(item, timeout=_POLL_SECONDS)
-            return True
-        except queue.Full:
-            continue
-    return False
+            for worker in workers:
+                worker.join()

@@ -40,7 +40,8 @@ def test_a_held_batch_never_changes_and_dropped_batches_free_their_slots(synth_s
             assert torch.equal(previous["image"], reference[index - 1]), "a held batch changed"
         assert torch.equal(batch["image"], reference[index])
         previous = batch
-    assert min(stream._released) >= len(reference) // 2 - 2, "dropped batches must free their slots"
+    # each worker (process, or thread: threads share the batches unevenly) holds at most the last two
+    assert sum(stream._released) >= len(reference) - 4, "dropped batches must free their slots"
 
 
 def test_kept_batches_and_views_stay_as_delivered(synth_shards, reference, kind):
