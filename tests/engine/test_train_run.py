@@ -136,6 +136,7 @@ def test_two_processes_under_torchrun_and_accelerate_launch(synth_shards, tmp_pa
     if launcher == "torchrun":
         command = torchrun(2)
         env = {}
+        overrides.append("data.worker_kind=thread")  # DDP with worker threads; accelerate keeps processes
     else:
         config = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"  # the shipped one
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
