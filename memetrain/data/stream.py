@@ -380,23 +380,30 @@ class _BatchImages:
         self.rest_in_rows = False
 
     def take_decoded(self, sample: int) -> bool:
-        """Whether :meth:`decode_rows` decoded the batch's sample ``sample``; if so its image is
-        in the next row (moved there when samples before it were dropped), now taken."""
+        """Whether :meth:`decode_rows` decoded the batch's sample ``sample``; if so its image,
+        which needs no view, is taken as the next row."""
+        if not self._in_next_row(sample):
+            return False
+        self.count += 1
+        return True
+
+    def decoded(self, sample: int) -> torch.Tensor | None:
+        """The image of sample ``sample`` if :meth:`decode_rows` decoded it, in the next row, for
+        its view to be made (None: it must be decoded)."""
+        if not self._in_next_row(sample):
+            return None
+        self._row_views()
+        return self._images[self.count]
+
+    def _in_next_row(self, sample: int) -> bool:
+        """Whether sample ``sample`` was decoded by :meth:`decode_rows`; if so, it is moved into
+        the next row when samples before it were dropped."""
         at = sample - self._first
         if not 0 <= at < len(self._statuses) or not self._statuses[at]:
             return False
         if self._first_row + at != self.count:
             self._rows[self.count] = self._rows[self._first_row + at]
-        self.count += 1
         return True
-
-    def decoded(self, sample: int) -> torch.Tensor | None:
-        """As :meth:`take_decoded`, the image left in the next row for its view (None: not decoded)."""
-        if not self.take_decoded(sample):
-            return None
-        self.count -= 1
-        self._row_views()
-        return self._images[self.count]
 
     def add(self, key: str, view: torch.Tensor | list[torch.Tensor], decoded: torch.Tensor) -> None:
         """Write the ``view`` made of image ``decoded`` into the next row."""
