@@ -4,7 +4,8 @@ A JPEG decode releases the GIL (the stream decodes a batch's JPEGs in one native
 threads of one process decode in parallel, and a batch reaches the consumer without being pickled,
 sent through a pipe and received. The threads share the work: each takes the next batch due,
 whichever worker of the plan it belongs to, so none waits for the consumer to take another's batch
-first, nor idles while another finishes the epoch. A view that runs much Python per sample (a
+first, nor idles while another works through the rest of its share (only the epoch's last batch
+runs alone). A view that runs much Python per sample (a
 multi-crop of many torchvision transforms) holds the GIL for it, and there processes scale further.
 """
 
