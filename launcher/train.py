@@ -13,7 +13,7 @@ deepspeed launcher and srun (README "Distributed execution").
     srun --nodes 2 --ntasks-per-node 8 --gpus-per-node 8 python launcher/train.py trainer=ddp   # a task per GPU
 
 Re-running the same command resumes from the newest checkpoint in its run directory (resume=auto).
-`--cfg job` prints the resolved config; every option is documented in configs/.
+`--cfg job --resolve` prints the resolved config; every option is documented in configs/.
 """
 
 from memetrain.cli import train

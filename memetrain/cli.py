@@ -18,13 +18,29 @@ from omegaconf import DictConfig, OmegaConf
 
 from memetrain.errors import ConfigError, MemetrainError
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+CONFIG_DIR = str(Path(__file__).parent / "configs")  # the repository's configs/, shipped in the package
+# predict and export take model=<run or bundle>: apart from the training groups (model/, data/ ...)
+INFERENCE_CONFIG_DIR = str(Path(CONFIG_DIR) / "inference")
 
 log = logging.getLogger("memetrain")
 
 
+def _config_groups(*groups: str) -> str:
+    """``--help``'s list of a program's own config groups and their options (the configs directory
+    holds every program's groups; Hydra's $APP_CONFIG_GROUPS would list them all)."""
+    lines = ["== Config groups (group=option) =="]
+    for group in groups:
+        options = sorted(path.stem for path in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+        lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("memetrain_groups", _config_groups, replace=True)
+
+
 def user_errors_exit(main: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
-    """Turn the framework's user-facing errors into one line on stderr and exit code 2."""
+    """Turn the framework's user-facing errors into one line on stderr and their exit code (2; 3
+    when another process of the run died)."""
 
     @functools.wraps(main)
     def wrapped(cfg: DictConfig) -> None:
@@ -36,8 +52,8 @@ def user_errors_exit(main: Callable[[DictConfig], None]) -> Callable[[DictConfig
                 logging.shutdown()  # flushes the run's log files
                 sys.stdout.flush()
                 sys.stderr.flush()
-                os._exit(2)
-            sys.exit(2)
+                os._exit(err.exit_code)
+            sys.exit(err.exit_code)
 
     return wrapped
 
@@ -204,6 +220,123 @@ def collect() -> None:
     _collect()
 
 
+@hydra.main(config_path=INFERENCE_CONFIG_DIR, config_name="predict", version_base="1.3")
+@user_errors_exit
+def predict(cfg: DictConfig) -> None:
+    """Score new memes with a model bundle (see ``configs/predict.yaml``)."""
+    import torch
+    from accelerate import PartialState
+
+    from memetrain.bundle import load_model
+    from memetrain.predict import gather, metrics, score_shards, score_source, write_predictions
+
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    device = state.device if cfg.device == "auto" else torch.device(cfg.device)
+    model = load_model(cfg.model, device)
+    kind = _input_kind(Path(cfg.input)) if cfg.source == "auto" else cfg.source
+    splits = list(cfg.splits) if cfg.splits else None
+    if kind == "shards":
+        if splits is not None and len(splits) != 1:
+            raise ConfigError(f"splits={splits}: score one split of a pack at a time (e.g. splits=[test])")
+        scored = score_shards(
+            model, Path(cfg.input), (splits or ["test"])[0], cfg.batch_size, cfg.num_workers
+        )
+    else:
+        source = _predict_source(kind, cfg, model.targets)
+        scored = score_source(model, source, splits, cfg.batch_size, state.process_index, state.num_processes)
+    scored = gather(scored)
+    if state.is_main_process:
+        output = Path(cfg.output)
+        rejected = write_predictions(output, model, scored)
+        print(f"scored {len(scored.ids)} memes with {model.root}: {output}")
+        if rejected is not None:
+            print(f"could not score {len(scored.rejected)} (id and reason in {rejected}):")
+            for _, key, reason in scored.rejected[:10]:
+                print(f"  {key}: {reason}")
+        for name, found in metrics(model, scored).items():
+            if name == "multilabel":
+                print(
+                    f"{', '.join(found['labels'])}: weighted F1 {found['f1_weighted_macro']:.4f} (MAMI task B)"
+                )
+                continue
+            auroc = "n/a" if found["auroc"] is None else f"{found['auroc']:.4f}"
+            print(
+                f"{name}: AUROC {auroc}  accuracy {found['accuracy']:.4f}  F1 macro {found['f1_macro']:.4f}  "
+                f"(n={found['num_samples']}, threshold {found['threshold']:.3f})"
+            )
+    state.wait_for_everyone()
+
+
+@hydra.main(config_path=INFERENCE_CONFIG_DIR, config_name="export", version_base="1.3")
+@user_errors_exit
+def export(cfg: DictConfig) -> None:
+    """Export a model bundle to ONNX or TorchScript (see ``configs/inference/export.yaml``)."""
+    from memetrain.bundle import load_model
+    from memetrain.data.stream import MemeStream, StreamSettings
+    from memetrain.export import FORMATS
+    from memetrain.export import export as run_export
+
+    model = load_model(cfg.model)
+    shards = cfg.check_input or model.manifest["source"].get("shards")
+    if shards is None or not (Path(shards) / "manifest.json").is_file():
+        raise ConfigError(
+            f"check_input={shards}: give a pack of memes to check the export on (the run's own pack is not there)"
+        )
+    settings = StreamSettings(batch_size=cfg.check_memes, shuffle=False, num_workers=0)
+    batch = next(iter(MemeStream(shards, cfg.check_split, settings, model.view, model.text_encoder)))
+    keep = batch["valid"]
+    batch = {k: v[keep] if hasattr(v, "shape") and len(v) == len(keep) else v for k, v in batch.items()}
+    output = Path(cfg.output) if cfg.output else model.root / f"model{FORMATS.get(cfg.format, '')}"
+    check = run_export(model, cfg.format, output, batch, cfg.tolerance)
+    print(
+        f"exported {model.root} as {cfg.format}: {check.path} (checked on {check.memes} memes of "
+        f"{shards}/{cfg.check_split}: probabilities within {check.max_abs_difference:.1e} of the bundle's)"
+    )
+
+
+def _input_kind(path: Path) -> str:
+    """What ``input=`` holds: a pack, Hateful Memes, MAMI, or else a folder with an annotation file."""
+    if (path / "manifest.json").is_file():
+        return "shards"
+    if any((path / f"{name}.jsonl").is_file() for name in ("train", "dev_seen", "test_seen", "test_unseen")):
+        return "hateful_memes"
+    if (path / "training.csv").is_file() or (path / "Test.csv").is_file():
+        return "mami"
+    return "folder"
+
+
+def _predict_source(kind: str, cfg: DictConfig, targets: list[str]):
+    """The source that reads ``input`` for predict; a folder's labels are the targets its file has."""
+    from memetrain.data.sources import SOURCES, build_source
+
+    if kind not in (*SOURCES, "shards") or kind == "synth":
+        raise ConfigError(f"source={kind!r}: choose auto, folder, hateful_memes, mami or shards")
+    if not Path(cfg.input).is_dir():
+        raise ConfigError(f"input={cfg.input} is not a directory; point it at the memes to score")
+    if kind != "folder":
+        return build_source(kind, input=cfg.input)
+    if cfg.annotations is None:
+        raise ConfigError(
+            f"{cfg.input} is a folder of memes: name its annotation file (annotations=memes.csv, with columns "
+            f"{cfg.id_column}, {cfg.image_column}, {cfg.text_column})"
+        )
+    columns = dict(id_column=cfg.id_column, image_column=cfg.image_column, text_column=cfg.text_column)
+    labels = cfg.label_columns
+    if labels is None:
+        present = build_source(
+            "folder", input=cfg.input, annotations=cfg.annotations, label_columns=[], **columns
+        )
+        labels = [name for name in targets if name in present.columns()]
+    return build_source(
+        "folder",
+        input=cfg.input,
+        annotations=cfg.annotations,
+        label_columns=list(labels),
+        split="predict",
+        **columns,
+    )
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="sweep", version_base="1.3")
 @user_errors_exit
 def sweep(cfg: DictConfig) -> None:
@@ -211,3 +344,12 @@ def sweep(cfg: DictConfig) -> None:
     from memetrain.sweep.launch import run_sweep
 
     run_sweep(cfg)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="fetch_weights", version_base="1.3")
+@user_errors_exit
+def fetch_weights(cfg: DictConfig) -> None:
+    """Fetch the pretrained weights of a run or a sweep into the hub cache (see ``configs/fetch_weights.yaml``)."""
+    from memetrain.models.fetch import main
+
+    main(cfg, list(HydraConfig.get().overrides.task))

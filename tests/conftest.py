@@ -1,4 +1,5 @@
-"""Shared fixtures: small SynthMemes packs written once per test session, a Slurm test cluster."""
+"""Shared fixtures: small SynthMemes packs written once per test session, a Slurm test cluster,
+a tiny finished run and its model bundle."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import REPO, pack_synth
+from tests.helpers import REPO, pack_synth, reset_accelerate, run_launcher, skip_or_fail, tiny_run_overrides
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed compiles its CPU communication op (~30 s) on first use: once per checkout, here.
@@ -27,19 +29,29 @@ def synth_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synth_hard_shards(tmp_path_factory) -> Path:
+    """160 hard SynthMemes at 48 px with their attribute columns (image_class, ...), 40 per shard,
+    plus 16 unlabeled: enough of each class for the attribute probes."""
+    return pack_synth(
+        tmp_path_factory.mktemp("synth_hard"), count=160, image_size=48, per_shard=40, difficulty="hard",
+        attributes=True, unlabeled=16,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster() -> Path:
     """A one-node Slurm cluster on localhost (``slurm/start_cluster.sh``, with accounting), its
     SLURM_CONF exported for the session; stopped at the end. Skipped without root or the Debian
-    packages, unless MEMETRAIN_REQUIRE_SLURM=1 (CI installs them) makes that a failure."""
+    packages, failed instead under MEMETRAIN_NO_SKIPS=1 (CI installs them; :func:`skip_or_fail`)."""
     tools = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct")
     missing = [tool for tool in tools if shutil.which(tool) is None]
-    reason = "the Slurm tests need root" if os.geteuid() != 0 else ""
+    if os.geteuid() != 0:
+        skip_or_fail("the Slurm tests need root")
     if missing:
-        reason = f"{', '.join(missing)} not installed"
-    if reason:
-        if os.environ.get("MEMETRAIN_REQUIRE_SLURM") == "1":
-            pytest.fail(f"{reason} (MEMETRAIN_REQUIRE_SLURM=1)")
-        pytest.skip(f"{reason}: apt-get install munge slurmctld slurmd slurm-client slurmdbd mariadb-server")
+        skip_or_fail(
+            f"{', '.join(missing)} not installed: apt-get install munge slurmctld slurmd slurm-client "
+            "slurmdbd mariadb-server"
+        )
     state = Path(tempfile.mkdtemp(prefix="memetrain-slurm-"))  # not under pytest's rotating basetemp
     env = {**os.environ, "MEMETRAIN_SLURM_PORT_BASE": str(_free_ports(4))}
     started = subprocess.run(
@@ -87,3 +99,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate's state lives in process-wide singletons: an in-process test's Accelerator (its
+    precision, accumulation steps, device) is forgotten after the test, so the next builds its own."""
+    yield
+    if "accelerate.state" in sys.modules:  # a test that never imported Accelerate has none to reset
+        reset_accelerate()
+
+
+@pytest.fixture(scope="session")
+def finished_run(synth_shards, tmp_path_factory) -> Path:
+    """The default model (concat fusion: ResNet-18 + LSTM) trained for a few steps, evaluated by its
+    classifier and a linear probe."""
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_launcher(
+        "train.py", *tiny_run_overrides(synth_shards, run_dir, steps=6), "eval.tsne=false",
+        "eval.protocols=[classifier,linear_probe]",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def bundle(finished_run, tmp_path_factory) -> Path:
+    """The run's bundle, alone, where nothing of the run is."""
+    return Path(shutil.copytree(finished_run / "model", tmp_path_factory.mktemp("elsewhere") / "bundle"))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import NoReturn
+
+import pytest
 
 from memetrain.data.manifest import MANIFEST_NAME, ShardInfo, file_sha256
 from memetrain.data.pack import PackOptions, pack
@@ -13,9 +17,27 @@ from memetrain.data.sources.synth import SynthMemes
 REPO = Path(__file__).resolve().parents[1]
 
 
+NO_SKIPS = "MEMETRAIN_NO_SKIPS"
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the test because this machine lacks something it needs (root, mount rights, Slurm's
+    packages), or fail it where ``MEMETRAIN_NO_SKIPS=1``: CI sets that (``.ci/run``), where the
+    environment must provide everything and a skip would hide tests that never ran.
+    ``MEMETRAIN_REQUIRE_SLURM=1`` (its earlier name, for the Slurm cluster alone) counts too.
+
+    Call it instead of ``pytest.skip`` for every environment reason but one: a test that needs a
+    GPU stays a plain skip (``pytest.mark.skipif(not torch.cuda.is_available(), ...)``), because CI
+    never has a GPU and runs those on GPU machines by hand (benchmarks/gpu_check.sh)."""
+    if os.environ.get(NO_SKIPS) == "1" or os.environ.get("MEMETRAIN_REQUIRE_SLURM") == "1":
+        pytest.fail(f"{reason} ({NO_SKIPS}=1: this environment must provide it)", pytrace=False)
+    pytest.skip(reason)
+
+
 def pack_synth(output: Path, count: int = 240, image_size: int = 64, per_shard: int = 40, **source) -> Path:
-    """Pack SynthMemes in-process into ``output`` (several shards per split by default)."""
-    options = dict(count=count, image_size=image_size, seed=0, **source)
+    """Pack SynthMemes in-process into ``output`` (several shards per split by default); only the
+    ``hateful`` label unless ``attributes=True`` adds the generator's attribute columns."""
+    options = dict(count=count, image_size=image_size, seed=0, **{"attributes": False, **source})
     pack(SynthMemes(**options), output, PackOptions(max_samples_per_shard=per_shard, workers=1), options)
     return output
 
@@ -74,6 +96,17 @@ def clip_weights_for(shards: Path, path: Path, *overrides: str) -> Path:
     clip = build_method("clip", options, OmegaConf.to_container(cfg.model, resolve=True), info)
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
     return path
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state (AcceleratorState, GradientState, PartialState are
+    singletons): the next Accelerator is built afresh, with its own precision and accumulation.
+    tests/conftest.py does this after every test; call it between two Accelerators in one test."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
 
 
 def free_port() -> int:

@@ -15,7 +15,8 @@ from typing import Any
 from memetrain.errors import MemetrainError
 from memetrain.fileio import atomic_write_json
 
-SCHEMA_VERSION = 2  # 2: every split has a sample index
+SCHEMA_VERSION = 3  # 2: every split has a sample index; 3: label columns may hold class ids (label_classes)
+READABLE_SCHEMAS = (2, 3)  # a schema-2 pack reads as one whose label columns are all 0/1
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar$")
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_]+\.(index|tokens)\.npz$")  # a split's sample index or token table
 _URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*:/)")
@@ -58,6 +59,9 @@ class Manifest:
     rejected: list[dict[str, Any]]
     tokenizer: str | None
     tokenizer_sha256: str | None = None  # of the tokenizer whose ids the splits' token tables hold
+    label_classes: dict[str, list[str]] = field(default_factory=dict)
+    """Class names of the label columns that hold class ids (0 .. K-1, -1 missing), such as
+    SynthMemes' ``image_class``; every column not listed holds 0/1 labels (-1 missing)."""
     schema_version: int = SCHEMA_VERSION
     root: Path | None = field(default=None, compare=False)
 
@@ -78,9 +82,10 @@ class Manifest:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             version = raw.get("schema_version")
-            if version != SCHEMA_VERSION:
+            if version not in READABLE_SCHEMAS:
                 raise ManifestError(
-                    f"{path} has schema version {version}, this memetrain reads {SCHEMA_VERSION}; re-pack"
+                    f"{path} has schema version {version}, this memetrain reads "
+                    f"{', '.join(map(str, READABLE_SCHEMAS))}; re-pack"
                 )
             splits = {
                 name: SplitInfo(
@@ -101,6 +106,8 @@ class Manifest:
                 rejected=raw["rejected"],
                 tokenizer=raw["tokenizer"],
                 tokenizer_sha256=raw["tokenizer_sha256"],
+                label_classes=_label_classes(raw, version, path),
+                schema_version=version,
                 root=directory,
             )
         except ManifestError:
@@ -118,6 +125,15 @@ class Manifest:
             split["samples"] = sum(shard["samples"] for shard in split["shards"])
         atomic_write_json(path, payload)
         return path
+
+    def label_sizes(self) -> list[int]:
+        """Per label column, in ``label_names`` order, how many values it takes: 2 for a 0/1 label,
+        the number of classes for a class-id column."""
+        return label_sizes(self.label_names, self.label_classes)
+
+    def binary_labels(self) -> list[str]:
+        """The label columns that hold 0/1 labels (what classifiers predict)."""
+        return [name for name in self.label_names if name not in self.label_classes]
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -179,6 +195,33 @@ class Manifest:
                     f"shard {path} does not match its sha256 in the manifest: it is corrupt or was "
                     "modified; re-pack or restore it"
                 )
+
+
+MAX_CLASSES = 127
+"""Classes a class-id label column may have (sample indexes keep labels as int8)."""
+
+
+def _label_classes(raw: dict[str, Any], version: int, path: Path) -> dict[str, list[str]]:
+    """A schema-3 manifest's ``label_classes``, checked: columns it lists, 2 to MAX_CLASSES names each."""
+    if version < 3:
+        return {}
+    classes = {name: list(values) for name, values in raw["label_classes"].items()}
+    for name, values in classes.items():
+        if (
+            name not in raw["label_names"]
+            or not 2 <= len(values) <= MAX_CLASSES
+            or len(set(values)) != len(values)
+        ):
+            raise ManifestError(
+                f"{path}: label_classes[{name!r}] must be a label column's 2 to {MAX_CLASSES} distinct class "
+                "names; re-pack"
+            )
+    return classes
+
+
+def label_sizes(label_names: list[str], label_classes: dict[str, list[str]]) -> list[int]:
+    """2 for each 0/1 column, the number of classes for each class-id column of ``label_classes``."""
+    return [len(label_classes[name]) if name in label_classes else 2 for name in label_names]
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

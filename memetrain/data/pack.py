@@ -30,7 +30,16 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from memetrain.data import images
-from memetrain.data.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardInfo, SplitInfo, file_sha256
+from memetrain.data.manifest import (
+    MANIFEST_NAME,
+    MAX_CLASSES,
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    SplitInfo,
+    file_sha256,
+    label_sizes,
+)
 from memetrain.data.records import IMAGE_FORMATS, Entry, MemeRecord, Rejected, Source, check_id, check_text
 from memetrain.data.sample_index import INDEX_SUFFIX, SampleIndex
 from memetrain.data.tokenizer import TokenTable, train_wordpiece
@@ -167,6 +176,17 @@ def pack(
 ) -> PackSummary:
     """Pack every entry of ``source`` into ``output``; returns what was written and rejected."""
     root = Path(output)
+    if not source.label_names:
+        raise ConfigError(
+            f"source {source.name} reads no label column: a pack needs at least one (label_columns=[...]); "
+            "memes that are all unlabeled still need the column, with empty cells"
+        )
+    classes = {name: list(values) for name, values in source.label_classes.items()}
+    bad = [n for n, v in classes.items() if n not in source.label_names or not 2 <= len(v) <= MAX_CLASSES]
+    if bad:
+        raise ConfigError(
+            f"source {source.name}: class-id label columns {bad} must be label columns with 2 to {MAX_CLASSES} classes"
+        )
     fingerprint = {
         "source": source.name,
         "source_options": source_options,
@@ -238,6 +258,8 @@ def _write(
         if train_texts
         else None
     )
+    classes = {name: list(values) for name, values in source.label_classes.items()}
+    sizes = label_sizes(list(source.label_names), classes)
     manifest = Manifest(
         source=source.name,
         label_names=list(source.label_names),
@@ -246,7 +268,7 @@ def _write(
         splits={
             split: SplitInfo(
                 shards=writer.shards,
-                index=_sample_index(root, split, writer.shards, source.label_names),
+                index=_sample_index(root, split, writer.shards, source.label_names, sizes),
                 label_histogram={n: dict(sorted(c.items())) for n, c in histograms[split].items()},
                 unlabeled=unlabeled[split],
                 tokens=_token_table(root, split, texts[split], tokenizer) if tokenizer else None,
@@ -256,14 +278,17 @@ def _write(
         rejected=summary.rejected,
         tokenizer=TOKENIZER_NAME if tokenizer else None,
         tokenizer_sha256=file_sha256(root / TOKENIZER_NAME) if tokenizer else None,
+        label_classes=classes,
     )
     manifest.write(root)
     return summary
 
 
-def _sample_index(root: Path, split: str, shards: list[ShardInfo], label_names: list[str]) -> ShardInfo:
+def _sample_index(
+    root: Path, split: str, shards: list[ShardInfo], label_names: list[str], sizes: list[int]
+) -> ShardInfo:
     path = root / f"{split}{INDEX_SUFFIX}"
-    index = SampleIndex.from_shards(root, shards, label_names)  # their sha256 as hashed while written
+    index = SampleIndex.from_shards(root, shards, label_names, sizes)  # their sha256 as hashed while written
     if index.shard_samples.tolist() != [shard.samples for shard in shards] or (index.problems != "").any():
         raise PackError(
             f"the shards of split {split!r} do not read back as written (a bug: please report it)"
@@ -318,6 +343,7 @@ def _load_one(entry: Entry) -> tuple[MemeRecord, dict[str, Any]] | Rejected:
     source, options = _worker_state["source"], _worker_state["options"]
     try:
         record = source.load(entry)
+        _check_labels(record, source)
         image_bytes, image_format = _prepared_image(record, options)
     except Rejected as err:
         err.split = err.split or entry.split
@@ -339,6 +365,18 @@ def _load_one(entry: Entry) -> tuple[MemeRecord, dict[str, Any]] | Rejected:
     if record.is_labeled:
         sample["cls"] = str(record.labels[source.main_label]).encode()
     return record, sample
+
+
+def _check_labels(record: MemeRecord, source: Source) -> None:
+    """Each label is a column of the source, 0/1, or a class id of a class-id column."""
+    for name, value in record.labels.items():
+        if name not in source.label_names:
+            raise Rejected(record.id, f"label {name!r} is not one of the source's {list(source.label_names)}")
+        classes = source.label_classes.get(name)
+        size = 2 if classes is None else len(classes)
+        if isinstance(value, bool) or value not in range(size):
+            expected = "0 or 1" if classes is None else f"a class id 0..{size - 1} of {classes}"
+            raise Rejected(record.id, f"label {name!r} is {value!r}; expected {expected}")
 
 
 def _prepared_image(record: MemeRecord, options: PackOptions) -> tuple[bytes, str]:

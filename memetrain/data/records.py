@@ -76,6 +76,8 @@ class Source(Protocol):
     name: str
     label_names: tuple[str, ...]
     main_label: str
+    label_classes: Mapping[str, tuple[str, ...]]
+    """The label columns that hold class ids (0 .. K-1) rather than 0/1, with their K class names."""
 
     def entries(self) -> Iterator[Entry | Rejected]:
         """Annotations in file order; a line or row that cannot be parsed is a ``Rejected``."""

@@ -26,7 +26,8 @@ _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's 
 
 
 class ShardFormatError(ValueError):
-    """The bytes are not a well-formed tar archive (or end before its end-of-archive marker)."""
+    """The bytes are not a well-formed tar archive (or end before its end-of-archive marker), or
+    no longer the ones its sample index describes (``sample_index.ShardFile``)."""
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -96,27 +96,37 @@ class TokenTable:
 class TextEncoder:
     """Batches of texts to fixed-length ``input_ids`` and ``attention_mask`` (int64 arrays).
 
-    ``path`` is a ``tokenizer.json`` file (such as the one packed with the shards) or a local
-    Hugging Face tokenizer directory; nothing is fetched from a hub. ``sha256``: the file's, so a
-    stream can tell whether the ids stored with the samples came from this very tokenizer.
+    ``path`` is a ``tokenizer.json`` file (such as the one packed with the shards), a local Hugging
+    Face tokenizer directory, or a Hugging Face model id (``distilbert-base-uncased``) read through
+    transformers' hub cache, as the text tower of that id is (``HF_HUB_OFFLINE=1`` honoured).
+    ``sha256``: the file's, so a stream can tell whether the ids stored with the samples came from
+    this very tokenizer.
     """
 
     def __init__(self, path: str | Path, max_length: int, clean: bool = False):
+        from memetrain.models.hub import looks_like_path
+
+        hub_id = None if looks_like_path(str(path)) else str(path)
         path = Path(path)
-        if not path.exists():
+        if hub_id is None and not path.exists():
             raise ConfigError(
                 f"tokenizer {path} not found: pack the shards (it writes tokenizer.json) or point "
-                "data.tokenizer at a local Hugging Face tokenizer directory"
+                "data.tokenizer at a local Hugging Face tokenizer directory or a model id"
             )
         if max_length < 2:
             raise ConfigError(f"data.max_length={max_length}: give at least 2 (room for [CLS] and [SEP])")
         self.max_length = max_length
         self.clean = clean
-        self.sha256 = None if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-        if path.is_dir():
+        self.sha256 = None if hub_id or path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        if hub_id or path.is_dir():
             from transformers import AutoTokenizer
 
-            self._hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            try:
+                self._hf = AutoTokenizer.from_pretrained(hub_id or str(path), local_files_only=hub_id is None)
+            except OSError as err:
+                from memetrain.models.hub import missing_weights
+
+                raise missing_weights(f"tokenizer {hub_id}", "data.tokenizer", str(err)) from err
             self._fast = None
             self.vocab_size = len(self._hf)
             self.pad_id = self._hf.pad_token_id or 0
@@ -127,6 +137,13 @@ class TextEncoder:
             self._fast.enable_truncation(max_length)
             self._fast.enable_padding(length=max_length, pad_id=self.pad_id, pad_token="[PAD]")
             self.vocab_size = self._fast.get_vocab_size()
+
+    @property
+    def unk_id(self) -> int | None:
+        """The id of the unknown-word token (None if the tokenizer has none)."""
+        if self._fast is not None:
+            return self._fast.token_to_id("[UNK]")
+        return self._hf.unk_token_id
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if self.clean:

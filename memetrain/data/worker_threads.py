@@ -66,6 +66,9 @@ class WorkerThreads:
                     done.notify_all()
                 if result is _END or isinstance(result, BaseException):
                     return
+                # not held while waiting for room: the consumer's release of a batch's buffers
+                # counts the references to them (``shared_batches``)
+                del task, result
 
         workers = [
             threading.Thread(target=work, args=(thread,), name=f"meme-loader-{thread}", daemon=True)

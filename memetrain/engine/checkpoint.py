@@ -3,14 +3,18 @@
 A checkpoint is a directory ``checkpoints/step_NNNNNNN``. It is written as ``.step_NNNNNNN.tmp``
 and renamed only when every rank has finished writing, so a run killed mid-write leaves the
 previous checkpoint as the newest complete one, and one that cannot be written (a full disk) is
-removed and reported. Without DeepSpeed nothing is unpickled on load:
-tensors come from safetensors or ``torch.load(weights_only=True)`` (Accelerate's loader), our state
-from JSON. Under DeepSpeed, Accelerate's state is DeepSpeed's checkpoint (``pytorch_model/``: every
-rank's partitions of weights and optimizer), which DeepSpeed reads with ``torch.load`` and
-unpickles: resume only from checkpoints you wrote. Either way ``model.safetensors`` holds the
-whole model in fp32 with the method's parameter names and shapes, for fine-tuning and
+removed and reported. Nothing is unpickled on load: tensors come from safetensors or
+``torch.load(weights_only=True)``, our state from JSON. Without DeepSpeed that is Accelerate's
+loader; under DeepSpeed, Accelerate's state is DeepSpeed's checkpoint (``pytorch_model/``: every
+rank's partitions of weights and optimizer), which DeepSpeed's own loader would unpickle
+(``weights_only=False``): :func:`memetrain.engine.zero.weights_only_checkpoint_reads` makes it read
+each file weights-only, with the few plain classes DeepSpeed stores there allowed
+(:func:`memetrain.engine.zero.deepspeed_checkpoint_classes`). A file that names anything else is
+refused before it is built, as one :class:`CheckpointError`. Either way ``model.safetensors`` holds
+the whole model in fp32 with the method's parameter names and shapes, for fine-tuning and
 evaluation (``method.init``, SemiMemes' ``clip.weights``); under ZeRO it is merged from the
-partitions by DeepSpeed's ``zero_to_fp32`` on rank 0, inside the temporary directory.
+partitions by DeepSpeed's ``zero_to_fp32`` on rank 0, inside the temporary directory, from the
+files this same save has just written there.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from accelerate.utils import load as weights_only_load
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from memetrain.engine.zero import consolidated_weights
+from memetrain.engine.zero import consolidated_weights, weights_only_checkpoint_reads
 from memetrain.errors import MemetrainError
 from memetrain.fileio import atomic_write_json, atomic_write_text
 
@@ -59,19 +63,21 @@ class Checkpointer:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _STEP_DIR.match(p.name))]
-        return [path for _, path in sorted(found)]
+        return complete_checkpoints(self.directory)
 
     def latest(self) -> Path | None:
         found = self.complete()
         return found[-1] if found else None
 
-    def save(self, step: int, state: dict[str, Any], config_yaml: str) -> Path:
-        """Write a checkpoint for ``step`` from every rank; returns its final path."""
+    def step_path(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` is (or would be)."""
+        return self.directory / f"step_{step:07d}"
+
+    def save(self, step: int, state: dict[str, Any], config_yaml: str, keep_also: int | None = None) -> Path:
+        """Write a checkpoint for ``step`` from every rank; returns its final path. The newest
+        ``keep`` are kept, and the one of step ``keep_also`` (the best on dev) whatever its age."""
         acc = self.accelerator
-        final = self.directory / f"step_{step:07d}"
+        final = self.step_path(step)
         tmp = self.directory / f".step_{step:07d}.tmp"
         if acc.is_main_process:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -103,7 +109,8 @@ class Checkpointer:
             )  # a checkpoint of this step from a run that died after it
             tmp.rename(final)
             for old in self.complete()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                if keep_also is None or old != self.step_path(keep_also):
+                    shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 
@@ -120,7 +127,8 @@ class Checkpointer:
             # Accelerate skips RNG states it cannot read with an info line, and the resume would
             # silently differ from an uninterrupted run: read them once here to fail instead.
             weights_only_load(path / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl")
-            self.accelerator.load_state(str(path))
+            with weights_only_checkpoint_reads(self.accelerator._models):  # DeepSpeed's files too
+                self.accelerator.load_state(str(path))
             return json.loads(state_file.read_text())
         except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
             raise CheckpointError(
@@ -128,6 +136,21 @@ class Checkpointer:
                 "model or config, or holds pickled code (never run: only tensors are read). Move it out "
                 f"of {self.directory} to resume from the one before it, or start over in another hydra.run.dir"
             ) from None
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoints in ``directory`` (``step_NNNNNNN``; temporary ones excluded), oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir() if _STEP_DIR.match(p.name)), key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory was saved at (from its name)."""
+    match = _STEP_DIR.match(path.name)
+    if match is None:
+        raise CheckpointError(f"{path} is not a checkpoint directory (checkpoints/step_NNNNNNN)")
+    return int(match.group(1))
 
 
 def _reason(err: BaseException) -> str:

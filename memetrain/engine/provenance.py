@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import subprocess
 import sys
@@ -19,6 +20,9 @@ PACKAGES = (
     "tokenizers",
     "accelerate",
     "deepspeed",
+    "open_clip_torch",
+    "huggingface_hub",
+    "safetensors",
     "webdataset",
     "hydra-core",
     "scikit-learn",
@@ -35,6 +39,8 @@ def provenance(world_size: int, seed: int) -> dict[str, Any]:
         "host": socket.gethostname(),
         "world_size": world_size,
         "seed": seed,
+        "torch_threads": _torch_threads(),  # OMP_NUM_THREADS and friends: a shared machine's share of it
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "command": sys.argv,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -55,6 +61,12 @@ def _git() -> dict[str, Any]:
         "revision": revision,
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if revision else None,
     }
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _version(name: str) -> str | None:

@@ -1,6 +1,8 @@
 """Classification metrics as plain JSON-serialisable dicts (floats, ints, lists).
 
-Scores are probabilities of class 1; a sample is predicted positive when ``score >= threshold``.
+Binary scores are probabilities of class 1; a sample is predicted positive when ``score >= threshold``.
+Class-id labels (:func:`multiclass_metrics`) are scored from ``[N, K]`` class probabilities, each
+sample predicted as its most probable class.
 Precision, recall and F1 of a class that is neither present nor predicted are 0 (scikit-learn's
 ``zero_division=0``).
 """
@@ -46,6 +48,59 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.
         },
         "confusion_matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
         "positive_rate": float(np.mean(pred)),
+    }
+
+
+def multiclass_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]) -> dict:
+    """Accuracy, macro and weighted F1, one-vs-rest AUROC, per-class P/R/F1 and the confusion matrix
+    (rows: true class, columns: predicted) of class ids ``labels [N]`` in ``0 .. K-1`` scored by
+    ``probabilities [N, K]`` (the prediction is the argmax; ties to the lower id).
+
+    ``f1_macro`` is the plain mean over the K classes (a class neither present nor predicted
+    scores 0, as scikit-learn's ``zero_division=0``); ``chance`` is the accuracy of always
+    predicting the most frequent class. ``auroc_ovr`` is the mean of each present class's AUROC
+    against the rest; None (``auroc_reason``) when fewer than two classes are present.
+    """
+    y = np.asarray(labels)
+    p = np.asarray(probabilities, dtype=np.float64)
+    k = len(classes)
+    if y.ndim != 1 or p.shape != (len(y), k) or len(y) == 0:
+        raise ValueError(
+            f"labels must be [N] and probabilities [N, {k}] with N > 0; got {y.shape}, {p.shape}"
+        )
+    if not np.isin(y, np.arange(k)).all():
+        raise ValueError(f"labels must be class ids 0..{k - 1}; drop unlabeled (-1) samples first")
+    if not np.isfinite(p).all():
+        raise ValueError(f"probabilities hold {int(np.sum(~np.isfinite(p)))} non-finite values")
+    y = y.astype(np.int64)
+    pred = p.argmax(axis=1)
+    ids = list(range(k))
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=ids, zero_division=0)
+    present = np.unique(y)
+    if len(present) < 2:
+        auroc, reason = None, f"only class {classes[int(present[0])]!r} present in {len(y)} labels"
+    else:
+        auroc = float(np.mean([roc_auc_score(y == c, p[:, c]) for c in present]))
+        reason = None
+    return {
+        "num_samples": int(len(y)),
+        "classes": list(classes),
+        "accuracy": float(np.mean(pred == y)),
+        "f1_macro": float(np.mean(f1)),
+        "f1_weighted": float(np.sum(f1 * support) / np.sum(support)),
+        "auroc_ovr": auroc,
+        "auroc_reason": reason,
+        "chance": float(np.bincount(y, minlength=k).max() / len(y)),
+        "per_class": {
+            name: {
+                "precision": float(precision[c]),
+                "recall": float(recall[c]),
+                "f1": float(f1[c]),
+                "support": int(support[c]),
+            }
+            for c, name in enumerate(classes)
+        },
+        "confusion_matrix": confusion_matrix(y, pred, labels=ids).tolist(),
     }
 
 

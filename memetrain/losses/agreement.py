@@ -26,35 +26,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memetrain.losses.masking import masked_mean
+from memetrain.losses.precision import in_float32
 
-def cosine_agreement_loss(a: Tensor, b: Tensor) -> Tensor:
+
+@in_float32
+def cosine_agreement_loss(a: Tensor, b: Tensor, valid: Tensor | None = None) -> Tensor:
     """Mean over the batch of ``2 - 2 cos(a_i, b_i)``: 0 when every pair is parallel, 4 when opposite.
 
     a, b: [B, D] (any scale; each row is L2-normalised). Symmetric in ``a`` and ``b``; nothing is
     detached. Computed in float32: under bf16 the cosine of near-parallel vectors loses its digits.
+    ``valid`` (bool ``[B]``, default all) selects the rows averaged over.
     """
-    a = F.normalize(a.float(), dim=1)  # [B, D], unit rows
-    b = F.normalize(b.float(), dim=1)  # [B, D], unit rows
-    return (2 - 2 * (a * b).sum(dim=1)).mean()  # [B] -> []
+    a = F.normalize(a, dim=1)  # [B, D], unit rows
+    b = F.normalize(b, dim=1)  # [B, D], unit rows
+    return masked_mean(2 - 2 * (a * b).sum(dim=1), valid)  # [B] -> []
 
 
-def variance_hinge(z: Tensor, target: float = 0.5) -> Tensor:
+@in_float32
+def variance_hinge(z: Tensor, target: float = 0.5, valid: Tensor | None = None) -> Tensor:
     """VICReg's variance term (Bardes, Ponce, LeCun 2022, eq. 1) on L2-normalised rows: the mean over
     dimensions of ``relu(target - sqrt(D) * std_d)``, the std taken over the batch (with VICReg's
     1e-4 inside the root). 0 while the embeddings spread, ``target`` when they are one point.
 
     On unit rows (scaled by sqrt(D), as :func:`memetrain.losses.monitor.embedding_std`) a network
     cannot meet it by growing its outputs, which a cosine agreement ignores. z: [B, D], B >= 2.
+    The statistics are those of the rows ``valid`` selects (bool ``[B]``, default all; at least 2).
     """
-    z = F.normalize(z.float(), dim=1)  # [B, D]
-    std = torch.sqrt(z.var(dim=0) + 1e-4) * math.sqrt(z.shape[1])  # [D]
+    z = F.normalize(z, dim=1)  # [B, D]
+    rows = (torch.ones(len(z), dtype=torch.bool, device=z.device) if valid is None else valid)[:, None]
+    count = rows.sum()  # n, the rows counted
+    centred = z - masked_mean(z, rows, dim=0)  # [B, D]
+    var = masked_mean(centred**2, rows, dim=0) * count / (count - 1).clamp(min=1)  # [D], unbiased
+    std = torch.sqrt(var + 1e-4) * math.sqrt(z.shape[1])  # [D]
     return F.relu(target - std).mean()
 
 
-def mean_variance_hinge(branches: Sequence[Tensor]) -> Tensor:
-    """:func:`variance_hinge` averaged over branches (each ``[B, D]``): the ``variance_loss`` of
-    CASS and CASS-MM before its weight."""
-    return sum(map(variance_hinge, branches)) / len(branches)
+def mean_variance_hinge(branches: Sequence[Tensor], valid: Tensor | None = None) -> Tensor:
+    """:func:`variance_hinge` averaged over branches (each ``[B, D]``, statistics over the rows
+    ``valid`` selects): the ``variance_loss`` of CASS and CASS-MM before its weight."""
+    return sum(variance_hinge(z, valid=valid) for z in branches) / len(branches)
 
 
 class CassMMLoss(nn.Module):
@@ -70,18 +81,19 @@ class CassMMLoss(nn.Module):
 
     ``forward`` returns the named terms; with ``unimodal_weight`` (lambda) and ``variance_weight``
     (mu) 0 the total is the cross-modal term alone. Gradients reach every embedding: nothing is detached.
+    Every term counts only the rows ``valid`` selects.
     """
 
     def __init__(self, unimodal_weight: float = 0.0, variance_weight: float = 0.0):
         super().__init__()
         self.unimodal_weight, self.variance_weight = unimodal_weight, variance_weight
 
-    def forward(self, images: list[Tensor], text: Tensor) -> dict[str, Tensor]:
-        """images: one or two ``[B, D]`` (CNN first); text: ``[B, D]``."""
-        cross = sum(cosine_agreement_loss(z, text) for z in images) / len(images)  # []
+    def forward(self, images: list[Tensor], text: Tensor, valid: Tensor | None = None) -> dict[str, Tensor]:
+        """images: one or two ``[B, D]`` (CNN first); text: ``[B, D]``; valid: bool ``[B]`` or None (all)."""
+        cross = sum(cosine_agreement_loss(z, text, valid) for z in images) / len(images)  # []
         losses = {"cross_modal_loss": cross}
         if len(images) == 2:
-            losses["unimodal_loss"] = self.unimodal_weight * cosine_agreement_loss(*images)  # []
+            losses["unimodal_loss"] = self.unimodal_weight * cosine_agreement_loss(*images, valid)  # []
         if self.variance_weight > 0:
-            losses["variance_loss"] = self.variance_weight * mean_variance_hinge([*images, text])
+            losses["variance_loss"] = self.variance_weight * mean_variance_hinge([*images, text], valid)
         return losses

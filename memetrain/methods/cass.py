@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from memetrain.errors import ConfigError
 from memetrain.losses.agreement import cosine_agreement_loss, mean_variance_hinge
 from memetrain.losses.monitor import embedding_std
-from memetrain.methods.base import Batch, Method
+from memetrain.methods.base import Batch, Method, valid_rows
 from memetrain.methods.registry import DataInfo, register
 from memetrain.models import ImageEncoder, build_image_encoder
 
@@ -100,6 +100,7 @@ class Cass(Method):
 
     name = "cass"
     needs_labels = False
+    sync_batchnorm = True  # BYOL's projector normalises over the whole batch
     EMBED_FROM = {"cnn": ("cnn",), "vit": ("vit",), "both": ("cnn", "vit")}
 
     def __init__(
@@ -130,9 +131,10 @@ class Cass(Method):
         images = single_view(batch)  # the same view for both networks
         z = {b: self.heads[b](self.encoders[b](images)) for b in ("cnn", "vit")}  # each [B, proj_dim]
         report = {f"embedding_std_{b}": embedding_std(z[b]) for b in z}
-        losses = {"agreement_loss": cosine_agreement_loss(z["cnn"], z["vit"])}
+        valid = valid_rows(batch)  # rows that are not valid count in neither term
+        losses = {"agreement_loss": cosine_agreement_loss(z["cnn"], z["vit"], valid)}
         if self.variance_weight > 0:
-            losses["variance_loss"] = self.variance_weight * mean_variance_hinge([z["cnn"], z["vit"]])
+            losses["variance_loss"] = self.variance_weight * mean_variance_hinge([z["cnn"], z["vit"]], valid)
         return losses, report
 
     def embed(self, batch: Batch) -> Tensor:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from memetrain.errors import ConfigError
 from memetrain.losses.agreement import CassMMLoss
 from memetrain.losses.monitor import embedding_std
-from memetrain.methods.base import Batch, Method
+from memetrain.methods.base import Batch, Method, valid_rows
 from memetrain.methods.cass import ProjectionHead, concat_features, configured, image_encoder, single_view
 from memetrain.methods.registry import DataInfo, register
 from memetrain.models import build_text_encoder
@@ -54,6 +54,7 @@ class CassMM(Method):
 
     name = "cass_mm"
     needs_labels = False
+    sync_batchnorm = True  # BYOL's projector normalises over the whole batch
     EMBED_FROM = ("image", "text", "both")
 
     def __init__(
@@ -101,7 +102,7 @@ class CassMM(Method):
         images = single_view(batch)  # the same view for every image branch
         z = {b: self.heads[b](self.encoders[b](images)) for b in self.image_branches}  # each [B, proj_dim]
         z["text"] = self.heads["text"](self._text_features(batch))  # [B, proj_dim]
-        losses = self.loss([z[b] for b in self.image_branches], z["text"])
+        losses = self.loss([z[b] for b in self.image_branches], z["text"], valid_rows(batch))
         return losses, {f"embedding_std_{b}": embedding_std(z[b]) for b in z}
 
     def embed(self, batch: Batch) -> Tensor:

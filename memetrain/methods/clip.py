@@ -8,39 +8,35 @@ formulation). Labels are never used. Two kinds of towers:
 
 - ``tower: memetrain``: ``model.image`` (a timm backbone) and ``model.text`` (our transformer or LSTM),
   each with a bias-free linear projection, as in the paper's sec. 2.5 (``model=clip_small``);
-- ``tower: open_clip``: an open_clip architecture (``open_clip_model``, e.g. ``ViT-B-32-quickgelu``)
-  whose state dict is open_clip's, so real OpenAI or LAION checkpoints load from the local file
-  ``open_clip_weights``, strictly (``model=clip_open_clip``). Captions are tokenised here from
+- ``tower: open_clip``: an open_clip architecture (``open_clip_model``, e.g. ``ViT-B-16``) with the
+  weights ``open_clip_weights`` names, strictly (``model=clip_open_clip``): an open_clip pretrained tag
+  (``openai``, ``laion2b_s34b_b88k`` ...) read through open_clip's hub code and the Hugging Face cache,
+  or a local file (OpenAI's TorchScript ``.pt`` included). Captions are tokenised here from
   ``batch["text"]`` with open_clip's bundled BPE tokenizer, since the stream's is our WordPiece.
-  Nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import difflib
-import logging
 import math
-import pickle
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from memetrain.errors import ConfigError
-from memetrain.losses.contrastive import ClipLoss
+from memetrain.losses.contrastive import ClipLoss, SoftTargetClipLoss
 from memetrain.losses.monitor import embedding_std
-from memetrain.methods.base import Batch, Method
+from memetrain.methods.base import Batch, Method, valid_rows
+from memetrain.methods.clip_recipe import projection as build_projection
+from memetrain.methods.clip_recipe import tower_groups
 from memetrain.methods.registry import DataInfo, register
-from memetrain.models import ImageNormalizer, build_image_encoder, build_text_encoder
-from memetrain.models.weights import TORCH_SUFFIXES, describe_mismatch
-
-log = logging.getLogger(__name__)
+from memetrain.models import ImageNormalizer, build_image_encoder, build_text_encoder, open_clip_weights
+from memetrain.models.hub import Pretrained, remember
 
 TOWERS = ("memetrain", "open_clip")
 EMBEDS = ("both", "align", "image", "text")
+LOSSES = ("infonce", "soft_targets")
 
 
 class MemetrainTowers(nn.Module):
@@ -68,31 +64,33 @@ class OpenClipTowers(nn.Module):
     """An open_clip CLIP (``self.clip``, open_clip's module names) fed uint8 images and raw captions.
 
     ``image_size`` resizes the vision tower (positional embeddings of loaded weights are
-    interpolated); ``None`` keeps the architecture's own. ``weights`` is a local state-dict file
-    (``.safetensors``, or ``.bin``/``.pt``/``.pth`` read with ``weights_only=True``) that must fill
-    every parameter. OpenAI's weights need the ``-quickgelu`` architectures: they load into the
-    plain ones too, but compute something else.
+    interpolated); ``None`` keeps the architecture's own. ``weights`` is null (random init), one of
+    open_clip's pretrained tags of ``name`` (``openai``, ``laion2b_s34b_b88k`` ...: the file comes through
+    open_clip's hub code and cache) or a local file (a state dict, or OpenAI's TorchScript ``.pt``,
+    converted without running it); see :mod:`memetrain.models.open_clip_weights`. Loading is strict.
+    The normalisation comes from the weights' preprocess config (the tag's, else the architecture's).
     """
 
     def __init__(self, name: str, weights: str | None, image_size: int | None, init_logit_scale: float):
         super().__init__()
         import open_clip  # here, not at the top: it takes seconds to import and only this tower needs it
 
-        _check_open_clip_model(open_clip, name)
-        if weights is not None:
-            _check_weights_file(Path(weights))
-        logging.disable(logging.WARNING)  # create_model warns that it starts from random weights
-        try:
-            self.clip = open_clip.create_model(
-                name, force_image_size=image_size, init_logit_scale=math.log(init_logit_scale)
-            )
-        finally:
-            logging.disable(logging.NOTSET)
-        if weights is not None:
-            _load_open_clip_weights(open_clip, self.clip, name, Path(weights))
-        preprocess = self.clip.visual.preprocess_cfg
-        self.normalize = ImageNormalizer(preprocess["mean"], preprocess["std"])
+        source = open_clip_weights.resolve(name, weights)
+        self.clip, files = open_clip_weights.create(name, source, image_size, init_logit_scale)
+        preprocess = self.clip.visual.preprocess_cfg  # the tag's, over the architecture's defaults
+        size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]  # trained at, before image_size
+        self.data_config = {  # as ImageEncoder.data_config: what the weights expect of an image
+            "input_size": (3, *((size, size) if isinstance(size, int) else size)),
+            "interpolation": preprocess["interpolation"],
+            "mean": tuple(preprocess["mean"]),
+            "std": tuple(preprocess["std"]),
+            "resize_mode": preprocess["resize_mode"],
+        }
+        self.normalize = ImageNormalizer(self.data_config["mean"], self.data_config["std"])
         self.tokenizer = open_clip.get_tokenizer(name)  # the bundled BPE vocabulary (checked above)
+        if files:
+            kind = "file" if source.local else "open_clip"
+            remember(self, Pretrained(kind, name, source.tag, tuple(files)))
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -107,59 +105,21 @@ class OpenClipTowers(nn.Module):
         return self.clip.encode_text(tokens)  # [B, embed_dim]
 
 
-def _check_open_clip_model(open_clip, name: str) -> None:
-    """``name`` must be a built-in open_clip CLIP that needs nothing from a hub (its own tokenizer)."""
-    if name not in open_clip.list_models():
-        close = difflib.get_close_matches(name, open_clip.list_models(), n=6, cutoff=0.5)
-        raise ConfigError(
-            f"method.open_clip_model={name!r} is not an open_clip architecture; close matches: "
-            f"{', '.join(close) or 'none (see open_clip.list_models())'}"
-        )
-    config = open_clip.get_model_config(name)
-    hub_text = {"hf_model_name", "hf_tokenizer_name"} & config["text_cfg"].keys()
-    not_clip = {"multimodal_cfg", "init_logit_bias"} & config.keys()  # CoCa, SigLIP
-    if hub_text or not_clip:
-        raise ConfigError(
-            f"open_clip model {name!r} is not a plain CLIP with open_clip's own tokenizer (it is a SigLIP or "
-            "CoCa, or needs a Hugging Face text model); choose e.g. ViT-B-32-quickgelu or RN50-quickgelu "
-            "(OpenAI weights), ViT-B-32 or ViT-B-16 (LAION weights)"
-        )
-
-
-def _check_weights_file(path: Path) -> None:
-    """Before any model is built: the weights file exists and has a suffix we read safely."""
-    if not path.is_file():
-        raise ConfigError(f"method.open_clip_weights: {path} not found (weights are never downloaded)")
-    if path.suffix not in (".safetensors", *TORCH_SUFFIXES):
-        raise ConfigError(
-            f"method.open_clip_weights: {path} should be .safetensors or a torch state dict ({', '.join(TORCH_SUFFIXES)})"
-        )
-
-
-def _load_open_clip_weights(open_clip, model: nn.Module, name: str, path: Path) -> None:
-    try:
-        incompatible = open_clip.load_checkpoint(model, str(path), strict=False, weights_only=True)
-    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
-        raise ConfigError(
-            f"open_clip weights {path} cannot be loaded into {name}: {' '.join(str(err).split())[:400]}. "
-            "An OpenAI TorchScript .pt must first be saved as a state dict "
-            "(torch.jit.load(path).state_dict() without input_resolution, context_length, vocab_size)"
-        ) from None
-    if incompatible.missing_keys or incompatible.unexpected_keys:
-        raise ConfigError(
-            f"open_clip weights {path} do not fit {name}: "
-            f"{describe_mismatch(incompatible.missing_keys, incompatible.unexpected_keys)}; "
-            "check method.open_clip_model"
-        )
-    log.info("open_clip %s: weights from %s, logit scale %.1f", name, path, model.logit_scale.exp().item())
-
-
 @register
 class Clip(Method):
     """CLIP pretraining. Options (``configs/method/clip.yaml`` says how to tune them): ``embed_dim``
     (memetrain towers), ``init_logit_scale`` and ``max_logit_scale`` (1 / temperature at the start
     and its upper clamp), ``local_loss``, ``tower`` and its ``open_clip_*`` settings, and ``embed``:
-    what the probes get (see :meth:`embed`)."""
+    what the probes get (see :meth:`embed`).
+
+    The CASS study's CLIP row is a "simple CLIP" (moein-shariatnia/OpenAI-CLIP), options here:
+    ``loss: soft_targets`` (:class:`memetrain.losses.contrastive.SoftTargetClipLoss`, at the fixed
+    ``temperature``; the log scale is then not trained, and the loss reads the embeddings as the
+    heads give them, unnormalised), ``projection: residual`` (its projection head,
+    :class:`memetrain.methods.clip_recipe.ResidualProjection`, dropout ``projection_dropout``) and
+    ``lr_scales`` (its learning rate per tower, times ``trainer.lr``; the heads decay by
+    ``trainer.weight_decay``, the encoders by ``encoder_weight_decay``). Defaults: open_clip's
+    InfoNCE, CLIP's linear projections, one learning rate."""
 
     name = "clip"
 
@@ -176,10 +136,22 @@ class Clip(Method):
         open_clip_weights: str | None = None,
         open_clip_image_size: int | None = None,
         embed: str = "both",
+        loss: str = "infonce",
+        temperature: float = 1.0,
+        projection: str = "linear",
+        projection_dropout: float = 0.1,
+        lr_scales: dict[str, float] | None = None,
+        encoder_weight_decay: float = 0.0,
     ):
         super().__init__()
         if embed not in EMBEDS:
             raise ConfigError(f"method.embed={embed!r}: choose one of {', '.join(EMBEDS)}")
+        if loss not in LOSSES:
+            raise ConfigError(f"method.loss={loss!r}: choose one of {', '.join(LOSSES)}")
+        if temperature <= 0:
+            raise ConfigError(
+                f"method.temperature={temperature}: give a positive number (the simple CLIP's 1.0)"
+            )
         if not 1.0 <= init_logit_scale <= max_logit_scale:
             raise ConfigError(
                 f"method.init_logit_scale={init_logit_scale} must be in [1, max_logit_scale={max_logit_scale}]"
@@ -193,6 +165,11 @@ class Clip(Method):
             image, text = _memetrain_model(data.complete(model))
             self.model = MemetrainTowers(image, text, embed_dim, init_logit_scale)
             self.embed_dim = embed_dim
+            if projection != "linear":  # the study's simple CLIP heads in place of the linear ones
+                for side in ("image", "text"):
+                    encoder = getattr(self.model, f"{side}_encoder")
+                    head = build_projection(projection, encoder.out_dim, embed_dim, projection_dropout)
+                    setattr(self.model, f"{side}_projection", head)
         elif tower == "open_clip":
             if any(model.get(part) is not None for part in ("image", "text", "head")):
                 raise ConfigError(
@@ -210,6 +187,16 @@ class Clip(Method):
             self.embed_dim = self.model.clip.visual.output_dim
         else:
             raise ConfigError(f"method.tower={tower!r}: choose one of {', '.join(TOWERS)}")
+        if tower != "memetrain" and (projection != "linear" or lr_scales is not None):
+            raise ConfigError(
+                "method.projection and method.lr_scales apply to method.tower=memetrain (open_clip models keep "
+                "their own projections): leave them at linear and null"
+            )
+        self.loss_kind, self.lr_scales = loss, lr_scales
+        self.encoder_weight_decay = encoder_weight_decay
+        if loss == "soft_targets":
+            self.soft_loss = SoftTargetClipLoss(temperature)
+            self.model.logit_scale.requires_grad_(False)  # fixed temperature: no learned scale
 
     def logit_scale(self) -> Tensor:
         """The inverse temperature ``[]``, in ``[1, max_logit_scale]``."""
@@ -226,10 +213,30 @@ class Clip(Method):
     def encode_text(self, batch: Batch) -> Tensor:
         return F.normalize(self.model.encode_text(batch), dim=-1)  # [B, D]
 
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """With ``lr_scales``: the simple CLIP's groups (image encoder, text encoder, heads), each at
+        its own learning rate; else the engine's decay groups."""
+        if self.lr_scales is None:
+            return super().param_groups(weight_decay)
+        return tower_groups(self.model, self.lr_scales, weight_decay, self.encoder_weight_decay)
+
+    def _soft_target_step(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        if "image" not in batch:
+            self.encode_image(batch)  # its error: CLIP needs one view per meme
+        image, text = self.model.encode_image(batch), self.model.encode_text(batch)  # [B, D], unnormalised
+        terms = self.soft_loss(image, text, valid_rows(batch))
+        report = {"i2t_top1": terms["i2t_top1"], "t2i_top1": terms["t2i_top1"]}
+        report["logit_scale"] = image.new_tensor(1 / self.soft_loss.temperature)
+        report["embedding_std_image"] = embedding_std(F.normalize(image.detach(), dim=-1))
+        report["embedding_std_text"] = embedding_std(F.normalize(text.detach(), dim=-1))
+        return {"contrastive_loss": terms["contrastive_loss"]}, report
+
     def _step(self, batch: Batch, gather: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        if self.loss_kind == "soft_targets":
+            return self._soft_target_step(batch)
         image, text = self.encode_image(batch), self.encode_text(batch)  # [B, D] each
         scale = self.logit_scale()
-        terms = self.loss(image, text, scale, gather=gather)
+        terms = self.loss(image, text, scale, gather=gather, valid=valid_rows(batch))
         losses = {name: value for name, value in terms.items() if name.endswith("_loss")}
         report = {name: value for name, value in terms.items() if name not in losses}
         report["logit_scale"] = scale.detach()
@@ -263,11 +270,32 @@ class Clip(Method):
             parts.append(self.encode_text(batch))
         return torch.cat(parts, dim=1)
 
+    def embed_prompts(self, texts: Batch) -> Tensor:
+        """L2-normalised text-tower embeddings ``[T, D]`` of arbitrary texts (zero-shot prompts),
+        in the space of :meth:`encode_image`. ``texts`` is a batch as the stream carries text:
+        ``text`` (the strings; the open_clip tower tokenises them itself) and, for the memetrain
+        towers, ``input_ids`` and ``attention_mask`` from the run's tokenizer."""
+        return self.encode_text(texts)
+
+    def zero_shot_embed(self, batch: Batch, kind: str) -> Tensor:
+        """What zero-shot prompts are compared with, ``[B, D]``: ``image`` (the image tower alone,
+        as CLIP's zero-shot classifier) or ``image_text`` (the normalised sum of the meme's image
+        and caption embeddings: a meme is both)."""
+        image = self.encode_image(batch)
+        if kind == "image":
+            return image
+        return F.normalize(image + self.encode_text(batch), dim=-1)
+
     def after_step(self, step: int, total_steps: int) -> None:
         """Keep the learned log scale in ``[0, log max_logit_scale]`` (the paper's clip at 100), so it
         can still move both ways (a clamp in the forward alone would leave it stuck past the bound)."""
         with torch.no_grad():
             self.model.logit_scale.clamp_(0.0, self.max_log_scale)
+
+    def edited_after_step(self) -> list[nn.Parameter]:
+        if not self.model.logit_scale.requires_grad:  # a fixed temperature: not the optimizer's
+            return []
+        return [self.model.logit_scale]  # the clamp must reach an optimizer's master copy of it
 
 
 def _memetrain_model(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

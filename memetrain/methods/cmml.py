@@ -15,7 +15,8 @@ this meme, and a classifier reads the fused h = a_image h_image + a_text h_text:
 stage streams ``data.batch_size`` memes of the labeled fraction plus ``unlabeled_ratio`` times as
 many from every training meme and ``data.unlabeled_splits`` with labels hidden
 (:class:`memetrain.data.semi_supervised.SemiSupervisedStream`); a meme counts as unlabeled when
-none of its targets is labeled. ``predict`` is the fused classifier.
+none of its targets is labeled. A row that is not valid (:func:`memetrain.methods.base.valid_rows`)
+counts in no term. ``predict`` is the fused classifier.
 
 The paper's text was not at hand; the structure and constants follow the CMML code of the
 authors' group's OMML library (``torchmm/models/cmml.py``: fused loss weight 3, diversity weight
@@ -29,6 +30,15 @@ Choices of ours, where that code does not apply or is not followed:
 - prediction vectors are each target's two-class distribution, so that a single binary label has
   a defined cosine (see :mod:`memetrain.losses.consistency`);
 - OMML's optional unimodal warm-up (``pretrain``) is left out.
+
+The SemiMemes study ran CMML-CLIP with its own code (FPTU-Thesis-CSAI/SemiMemes ``src/CmmlTrain.py``,
+``src/model/CmmlLayer.py``, ``scripts/cmml_clip_welltune_*.sh``); its choices are options here:
+``encoder: linear`` (each modality's CLIP feature through one Linear to 256, no activation:
+``ImgNet``/``TextfeatureNet`` with ``use_drop_out`` off), linear classifiers (``PredictNet`` without
+``use_act``), the attention MLP ``attention_hidden: [64, 32]`` (``Attentionparameter`` 256, 64, 32, 1),
+``prediction_vector: sigmoid`` (the cosines compare the K sigmoid outputs: ``loss.py`` 241-255),
+``fused_weight: 2`` (``CmmlTrain.py`` 261), ``diversity_weight: 0`` (``use_div`` off) and a recipe of
+Adam at lr 1e-4, weight decay 1e-4, StepLR every 200 steps by ``step_lr_gamma``.
 
     python launcher/train.py method=clip model=clip_small eval=probe
     python launcher/train.py method=cmml model=clip_small data.label_fraction=0.05 \\
@@ -44,20 +54,27 @@ from torch import Tensor, nn
 
 from memetrain.errors import ConfigError
 from memetrain.losses.consistency import diversity_loss, robust_consistency_loss
-from memetrain.methods.base import Batch, Method, Stage
+from memetrain.losses.masking import masked_mean
+from memetrain.methods.base import Batch, Method, Stage, valid_rows
 from memetrain.methods.frozen_clip import frozen_clip
 from memetrain.methods.objective import ClassificationObjective, accuracies
 from memetrain.methods.registry import DataInfo, register
 
+ENCODERS, PREDICTION_VECTORS = ("mlp", "linear"), ("two_class", "sigmoid")
+
 
 class InstanceAttention(nn.Module):
-    """Per-meme weights of M modalities from their hidden vectors, one MLP shared by all of them."""
+    """Per-meme weights of M modalities from their hidden vectors, one MLP shared by all of them
+    (hidden layers ``widths``, ReLU after each, then one score; default ``[hidden_dim // 2]``)."""
 
-    def __init__(self, hidden_dim: int):
+    def __init__(self, hidden_dim: int, widths: list[int] | None = None):
         super().__init__()
-        self.score = nn.Sequential(
-            nn.Linear(hidden_dim, hidden_dim // 2), nn.ReLU(), nn.Linear(hidden_dim // 2, 1)
-        )
+        layers: list[nn.Module] = []
+        width = hidden_dim
+        for out in widths or [hidden_dim // 2]:
+            layers += [nn.Linear(width, out), nn.ReLU()]
+            width = out
+        self.score = nn.Sequential(*layers, nn.Linear(width, 1))
 
     def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """``hidden [B, M, H]`` -> (fused ``[B, H]``, weights ``[B, M]``, softmax over modalities)."""
@@ -105,8 +122,17 @@ class CMML(Method):
         targets: list[str] | None = None,
         loss: str = "bce",
         focal_gamma: float = 2.0,
+        encoder: str = "mlp",
+        attention_hidden: list[int] | None = None,
+        prediction_vector: str = "two_class",
     ):
         super().__init__()
+        if encoder not in ENCODERS or prediction_vector not in PREDICTION_VECTORS:
+            raise ConfigError(
+                f"method.encoder={encoder!r} (choose {', '.join(ENCODERS)}) or method.prediction_vector="
+                f"{prediction_vector!r} (choose {', '.join(PREDICTION_VECTORS)}) is not known"
+            )
+        self.two_class = prediction_vector == "two_class"
         if hidden_dim < 2 or huber_delta <= 0 or unlabeled_ratio < 0:
             raise ConfigError(
                 f"method.hidden_dim={hidden_dim} must be >= 2, huber_delta={huber_delta} > 0 and "
@@ -123,15 +149,16 @@ class CMML(Method):
 
         self.clip = frozen_clip(model, data, clip, "CMML-CLIP")
         dim, outputs = self.clip.embed_dim, len(self.targets)
-        self.image_encoder = _encoder(dim, hidden_dim)
-        self.text_encoder = _encoder(dim, hidden_dim)
+        build = _encoder if encoder == "mlp" else nn.Linear
+        self.image_encoder = build(dim, hidden_dim)
+        self.text_encoder = build(dim, hidden_dim)
         self.image_classifier = nn.Linear(hidden_dim, outputs)
         self.text_classifier = nn.Linear(hidden_dim, outputs)
-        self.attention = InstanceAttention(hidden_dim)
+        self.attention = InstanceAttention(hidden_dim, attention_hidden)
         self.fused_classifier = nn.Linear(hidden_dim, outputs)
 
     def stages(self, max_steps: int) -> list[Stage]:
-        return [Stage("train", max_steps, True, self.unlabeled_ratio)]
+        return [Stage("train", max_steps, True, self.unlabeled_ratio, trainer=self.recipe)]
 
     def outputs(self, batch: Batch) -> Outputs:
         image, text = self.clip(batch)  # frozen [B, D] each
@@ -147,23 +174,26 @@ class CMML(Method):
 
     def training_step(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         out = self.outputs(batch)
-        targets = self.objective.targets_of(batch["labels"])  # [B, targets], -1 unlabeled
-        labeled = (targets >= 0).any(dim=1)  # [B]
+        targets = self.objective.targets_of(batch)  # [B, targets], -1 unlabeled or not valid
+        valid = valid_rows(batch)
+        labeled = (targets >= 0).any(dim=1)  # [B], valid rows only
+        unlabeled = ~labeled if valid is None else ~labeled & valid  # [B]
         p_image, p_text = out.image.float().sigmoid(), out.text.float().sigmoid()
         loss_of = self.objective.loss_of
         losses = {
             "cls_loss": self.weights["fused"] * loss_of(out.fused, targets),
             "unimodal_loss": loss_of(out.image, targets) + loss_of(out.text, targets),
-            "diversity_loss": self.weights["diversity"] * diversity_loss(p_image, p_text, labeled),
+            "diversity_loss": self.weights["diversity"]
+            * diversity_loss(p_image, p_text, labeled, self.two_class),
             "consistency_loss": self.weights["consistency"]
-            * robust_consistency_loss(p_image, p_text, ~labeled, self.huber_delta),
+            * robust_consistency_loss(p_image, p_text, unlabeled, self.huber_delta, self.two_class),
         }
         report = accuracies(out.fused.detach(), targets, self.targets)
         with torch.no_grad():
             report["accuracy_image"] = accuracies(out.image, targets, self.targets)["accuracy"]
             report["accuracy_text"] = accuracies(out.text, targets, self.targets)["accuracy"]
-            report["attention_image"] = out.attention[:, 0].mean()
-            report["labeled_share"] = labeled.float().mean()
+            report["attention_image"] = masked_mean(out.attention[:, 0], valid)
+            report["labeled_share"] = masked_mean(labeled.float(), valid)
         return losses, report
 
     def embed(self, batch: Batch) -> Tensor:
@@ -171,6 +201,10 @@ class CMML(Method):
 
     def predict(self, batch: Batch) -> Tensor:
         return self.outputs(batch).fused
+
+    def embed_and_predict(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        out = self.outputs(batch)
+        return out.hidden, out.fused
 
 
 def _encoder(in_dim: int, hidden_dim: int) -> nn.Sequential:

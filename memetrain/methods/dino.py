@@ -16,6 +16,16 @@ ResNets, and ViTs, which resample their position embeddings for the smaller loca
 Fine-tune the result with ``method=supervised method.init.image={path: <run>/checkpoints/<step>/model.safetensors,
 prefix: teacher.backbone.}``.
 
+What follows the reference code (facebookresearch/dino at 7c446df), option by option in
+``configs/method/dino.yaml`` and the table sweeps: ``grad_clip_mode: per_parameter`` clips each
+parameter's gradient on its own (``utils.clip_gradients``, utils.py 132-141; ours by default:
+``global``, the joint norm); while the last layer is frozen its gradients are dropped (set to
+None: ``utils.cancel_gradients_last_layer``, utils.py 144-149), so AdamW neither decays it nor
+counts a step for it; ``drop_path_rate`` is the student ViT's stochastic depth (main_dino.py
+105 and 161-165: 0.1, rising linearly over the blocks; the teacher has none); the crops' flip,
+blur and solarisation are options of the ``multicrop`` view. Both clipping and dropping happen in
+:meth:`Dino.clip_gradients`, which the engine calls between the backward and the optimizer step.
+
 Besides ``dino_loss`` the step reports ``teacher_entropy``, ``teacher_temp``, ``momentum``, and two
 collapse monitors: ``embedding_std`` of the teacher's backbone features and ``embedding_std_head`` of
 its head outputs. Stability (``configs/method/dino.yaml`` has the numbers):
@@ -36,27 +46,30 @@ import itertools
 from typing import Any
 
 import torch
-from timm.layers import Format
+from timm.layers import DropPath, Format
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from memetrain.engine.optim import clip_global_norm, clip_per_parameter
 from memetrain.engine.schedules import cosine, linear_warmup
 from memetrain.errors import ConfigError
 from memetrain.losses.dino import DinoLoss
 from memetrain.losses.monitor import embedding_std
-from memetrain.methods.base import Batch, Method
+from memetrain.methods.base import Batch, Method, valid_rows
 from memetrain.methods.registry import DataInfo, register
 from memetrain.models import ImageEncoder, build_image_encoder
 from memetrain.models.dino_head import DinoHead
 
 GLOBAL_CROPS = 2
 """The multicrop view puts its 2 global crops first; only they go through the teacher."""
+CLIP_MODES = ("global", "per_parameter")
 
 
 @register
 class Dino(Method):
     name = "dino"
     needs_labels = False
+    sync_batchnorm = True  # as DINO's main_dino.py converts student and teacher
 
     def __init__(
         self,
@@ -76,8 +89,17 @@ class Dino(Method):
         teacher_momentum: float,
         teacher_momentum_end: float,
         freeze_last_layer_steps: int,
+        grad_clip_mode: str = "global",
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
+        if grad_clip_mode not in CLIP_MODES:
+            raise ConfigError(
+                f"method.grad_clip_mode={grad_clip_mode!r}: choose one of {', '.join(CLIP_MODES)}"
+            )
+        if not 0 <= drop_path_rate < 1:
+            raise ConfigError(f"method.drop_path_rate={drop_path_rate}: give a rate in [0, 1) (DINO's 0.1)")
+        self.grad_clip_mode = grad_clip_mode
         backbone = build_image_encoder(**_image_config(model))
         _accept_any_input_size(backbone)
         head = DinoHead(
@@ -90,11 +112,15 @@ class Dino(Method):
         )
         self.student = nn.ModuleDict({"backbone": backbone, "head": head})
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        if drop_path_rate > 0:  # the student's only, after the copy: the teacher has none
+            set_drop_path(backbone, drop_path_rate)
         self.loss = DinoLoss(out_dim, student_temp, center_momentum)
         self.temps = (warmup_teacher_temp, teacher_temp, teacher_temp_warmup_steps)
         self.momenta = (teacher_momentum, teacher_momentum_end)
         self.freeze_last_layer_steps = freeze_last_layer_steps
         self.teacher_temp, self.momentum = warmup_teacher_temp, teacher_momentum  # step 0's values
+        self._teacher_master: list[Tensor] | None = None  # see after_step; runtime only
+        self.register_load_state_dict_post_hook(_forget_teacher_master)
 
     # -- schedules: pure functions of the step ---------------------------------------------------
 
@@ -113,12 +139,48 @@ class Dino(Method):
         self.student["head"].freeze_last_layer = step < self.freeze_last_layer_steps
 
     @torch.no_grad()
+    def clip_gradients(self, max_norm: float | None) -> Tensor:
+        """DINO's order (main_dino.py 329-335): clip (each parameter's gradient on its own with
+        ``grad_clip_mode: per_parameter``, else their joint norm), then, while the last layer is
+        frozen, drop its gradients (set them to None, as ``cancel_gradients_last_layer`` does: the
+        optimizer then skips it, no weight decay and no moment update). Returns the joint norm of
+        the student's gradients before clipping."""
+        clip = clip_per_parameter if self.grad_clip_mode == "per_parameter" else clip_global_norm
+        norm = clip(self.student.parameters(), max_norm)
+        head = self.student["head"]
+        if head.freeze_last_layer:
+            for param in head.last_layer.parameters():
+                param.grad = None
+        return norm
+
+    @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        """teacher <- m * teacher + (1 - m) * student, parameter by parameter."""
+        """teacher <- m * teacher + (1 - m) * student, parameter by parameter, in float32.
+
+        A half-precision teacher would not follow: with 1 - m <= 0.004 each step's increment falls
+        below its rounding step (bf16 stays put, fp16 drifts). Where the networks are held in fp16
+        or bf16 (DeepSpeed's fp16 mode halves the whole model), the average runs on float32 master
+        copies of the teacher, written back after each step; they are taken from the teacher when
+        first needed and again after a checkpoint is loaded (which holds the teacher as the
+        networks are held). Under autocast the weights stay float32 and no copy is made.
+        """
         m = self.momentum_at(step, total_steps)
         teacher, student = list(self.teacher.parameters()), list(self.student.parameters())
-        torch._foreach_mul_(teacher, m)
-        torch._foreach_add_(teacher, student, alpha=1 - m)
+        average = self._float32_teacher(teacher)
+        torch._foreach_mul_(average, m)
+        torch._foreach_add_(average, [p.float() for p in student], alpha=1 - m)
+        if average is not teacher:
+            torch._foreach_copy_(teacher, average)
+
+    def _float32_teacher(self, teacher: list[Tensor]) -> list[Tensor]:
+        """The teacher's parameters where they are float32, else their float32 master copies."""
+        if all(p.dtype == torch.float32 for p in teacher):
+            self._teacher_master = None
+            return teacher
+        master = self._teacher_master
+        if master is None or master[0].device != teacher[0].device:
+            self._teacher_master = [p.float() for p in teacher]
+        return self._teacher_master
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -130,8 +192,9 @@ class Dino(Method):
         with torch.no_grad():
             teacher_features, teacher_out = _encode(self.teacher, crops[:GLOBAL_CROPS])
         _, student_out = _encode(self.student, crops)
-        terms = self.loss(student_out, teacher_out, self.teacher_temp)
-        self.loss.update_center(teacher_out)
+        valid = valid_rows(batch)  # rows that are not valid count in neither the loss nor the center
+        terms = self.loss(student_out, teacher_out, self.teacher_temp, valid)
+        self.loss.update_center(teacher_out, valid)
         entropy = terms.pop("teacher_entropy")
         report = {
             "teacher_entropy": entropy,
@@ -154,7 +217,9 @@ class Dino(Method):
         _, student_out = _encode(self.student, image)
         # the loss pairs each teacher crop with every *other* student crop: with the one view given
         # twice, both pairs are (teacher, student) on the same image
-        terms = self.loss(student_out.repeat(2, 1, 1), teacher_out.repeat(2, 1, 1), self.teacher_temp)
+        terms = self.loss(
+            student_out.repeat(2, 1, 1), teacher_out.repeat(2, 1, 1), self.teacher_temp, valid_rows(batch)
+        )
         return {
             "same_view_loss": terms["dino_loss"],
             "teacher_entropy": terms["teacher_entropy"],
@@ -163,6 +228,11 @@ class Dino(Method):
 
     def embed(self, batch: Batch) -> Tensor:
         return self.teacher["backbone"](batch["image"])  # [B, D]: the teacher's, as in the paper
+
+
+def _forget_teacher_master(method: Dino, incompatible_keys: Any) -> None:
+    """After a checkpoint is loaded the teacher is the checkpoint's: its master copies start again from it."""
+    method._teacher_master = None
 
 
 def _encode(network: nn.ModuleDict, crops: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -190,6 +260,21 @@ def _image_config(model: dict[str, Any]) -> dict[str, Any]:
     if not model.get("image"):
         raise ConfigError(f"DINO needs model.image; {hint}")
     return model["image"]
+
+
+def set_drop_path(backbone: ImageEncoder, rate: float) -> None:
+    """Stochastic depth on a timm ViT's residual branches, rising linearly from 0 at the first
+    block to ``rate`` at the last (DINO's vision_transformer.py: ``torch.linspace(0, drop_path_rate,
+    depth)``); refused for backbones without such blocks (DINO's ResNet recipe has none)."""
+    blocks = getattr(backbone.model, "blocks", None)
+    if not isinstance(backbone.model, VisionTransformer) or blocks is None:
+        raise ConfigError(
+            f"method.drop_path_rate={rate} applies to ViT backbones only; {type(backbone.model).__name__} "
+            "has no transformer blocks: set method.drop_path_rate=0 (DINO's ResNet-50 recipe has none)"
+        )
+    for block, block_rate in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist()):
+        block.drop_path1 = DropPath(block_rate) if block_rate > 0 else nn.Identity()
+        block.drop_path2 = DropPath(block_rate) if block_rate > 0 else nn.Identity()
 
 
 def _accept_any_input_size(backbone: ImageEncoder) -> None:

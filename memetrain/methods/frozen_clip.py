@@ -2,9 +2,11 @@
 
 Every such method takes a ``clip`` option block: the options of ``method=clip`` plus ``weights``.
 ``tower: memetrain`` reads our own CLIP run (same ``model`` config; ``weights`` its
-``checkpoints/step_N/model.safetensors``); ``tower: open_clip`` builds an open_clip model from a
-local checkpoint (``open_clip_model``, ``open_clip_weights``). The towers never train and stay in
-eval mode; features are L2-normalised, as CLIP compares them.
+``checkpoints/step_N/model.safetensors``); ``tower: open_clip`` builds an open_clip model
+(``open_clip_model``) with the weights ``open_clip_weights`` names: an open_clip pretrained tag
+(``openai``, ``laion2b_s34b_b88k`` ..., through open_clip's hub code and the Hugging Face cache) or a
+local file (:mod:`memetrain.models.open_clip_weights`). The towers never train and stay in eval mode;
+features are L2-normalised, as CLIP compares them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from memetrain.errors import ConfigError
 from memetrain.methods.base import Batch
 from memetrain.methods.clip import Clip
 from memetrain.methods.registry import DataInfo
+from memetrain.models.hub import RECORD, remember
 from memetrain.models.weights import load_weights
 from memetrain.options import call_with_options
 
@@ -35,6 +38,9 @@ class FrozenClip(nn.Module):
         self.model = clip.model
         self.embed_dim = clip.embed_dim
         self.requires_grad_(False).eval()
+        record = getattr(clip, RECORD, None)  # the checkpoint loaded over the whole CLIP
+        if record is not None:
+            remember(self, record)
 
     def train(self, mode: bool = True) -> FrozenClip:
         """Always eval: batch-norm statistics and dropout stay as CLIP trained them."""
@@ -60,7 +66,7 @@ def frozen_clip(model: dict[str, Any], data: DataInfo, options: dict[str, Any], 
     if tower == "open_clip" and (weights is not None or options.get("open_clip_weights") is None):
         raise ConfigError(
             "with method.clip.tower=open_clip the weights come from method.clip.open_clip_weights "
-            "(a local open_clip checkpoint); leave method.clip.weights null"
+            "(an open_clip pretrained tag such as openai, or a local file); leave method.clip.weights null"
         )
     clip = call_with_options(Clip, dict(model=model, data=data, **options), "method.clip")
     if weights is not None:

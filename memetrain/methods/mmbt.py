@@ -19,6 +19,19 @@ WordPiece tokenizer and BERT tokenizers make them). Padding is masked out of att
 The classifier reads the final [CLS] state (dropout, then linear); the image encoder, the
 projection and the transformer all train. Targets, loss and ``init`` are those of
 :mod:`memetrain.methods.supervised`.
+
+MMF's MMBT (facebookresearch/mmf ``mmf/models/mmbt.py``), which the paper's Hateful Memes baseline
+ran, differs in two places, both options here so that a pretrained BERT sees what it was trained on:
+
+- ``image_segment: 1``: the text keeps segment 0, as BERT's single sentences had it, and the image
+  part takes segment 1 (``MMBTBase.forward``: a text of one segment puts the modality at 1; the
+  image part counts positions from 0 in front of the text, and the text's restart at 0, as here);
+- ``head: mmf``: BERT's pooler (Linear + tanh on the final [CLS] state), dropout, BERT's
+  prediction-head transform (Linear, GELU, LayerNorm) and the output layer
+  (``MMBTForClassification``). The pooler starts from a pretrained BERT's own pooler (the text
+  encoder keeps its weights aside, :attr:`TransformerTextEncoder.pretrained_pooler`).
+
+The defaults (``image_segment: 0``, ``head: linear``) are ours.
 """
 
 from __future__ import annotations
@@ -41,7 +54,19 @@ from memetrain.models import (
 )
 from memetrain.models.weights import load_encoder_inits
 
-IMAGE_SEGMENT, TEXT_SEGMENT = 0, 1
+HEADS = ("linear", "mmf")
+
+
+class PredictionHeadTransform(nn.Module):
+    """BERT's prediction-head transform (transformers' ``BertPredictionHeadTransform``): Linear,
+    GELU, LayerNorm."""
+
+    def __init__(self, hidden: int, eps: float = 1e-12):
+        super().__init__()
+        self.dense, self.act, self.norm = nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.act(self.dense(x)))
 
 
 class TokenSequence(NamedTuple):
@@ -69,6 +94,8 @@ class MMBT(Method):
         data: DataInfo,
         num_image_tokens: int = 3,
         dropout: float = 0.1,
+        image_segment: int = 0,
+        head: str = "linear",
         targets: list[str] | None = None,
         loss: str = "bce",
         focal_gamma: float = 2.0,
@@ -90,6 +117,17 @@ class MMBT(Method):
         self.max_positions = _check_transformer(self.text_encoder, num_image_tokens)
         hidden = self.text_encoder.out_dim
         self.image_projection = nn.Linear(self.image_encoder.map_dim, hidden)
+        if image_segment not in (0, 1) or head not in HEADS:
+            raise ConfigError(
+                f"method.image_segment={image_segment} (0 or 1: MMF's is 1) or method.head={head!r} "
+                f"(choose {', '.join(HEADS)}) is not known"
+            )
+        self.image_segment, self.text_segment = image_segment, 1 - image_segment
+        eps = getattr(self.text_encoder.model.config, "layer_norm_eps", 1e-12)
+        self.pooler = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) if head == "mmf" else nn.Identity()
+        if head == "mmf" and self.text_encoder.pretrained_pooler is not None:  # BERT's own, as MMF's starts
+            self.pooler[0].load_state_dict(self.text_encoder.pretrained_pooler)
+        self.head_transform = PredictionHeadTransform(hidden, eps) if head == "mmf" else nn.Identity()
         self.dropout = nn.Dropout(dropout)
         self.output = nn.Linear(hidden, len(self.targets))
         load_encoder_inits({"image": self.image_encoder, "text": self.text_encoder}, init)
@@ -127,28 +165,41 @@ class MMBT(Method):
             [torch.arange(image_length, device=ids.device), torch.arange(length - 1, device=ids.device)]
         )  # [T]
         segments = torch.cat(
-            [ids.new_full((image_length,), IMAGE_SEGMENT), ids.new_full((length - 1,), TEXT_SEGMENT)]
+            [
+                ids.new_full((image_length,), self.image_segment),
+                ids.new_full((length - 1,), self.text_segment),
+            ]
         )  # [T]
         mask = torch.cat([text_mask.new_ones(size, image_length), text_mask[:, 1:]], dim=1)  # [B, T]
         return TokenSequence(embeds, segments.expand(size, -1), positions.expand(size, -1), mask)
 
     def embed(self, batch: Batch) -> Tensor:
         """The transformer's final [CLS] state ``[B, hidden]`` (with ``model.text.pooling=mean``, the
-        mean over the image tokens and the real text tokens instead)."""
+        mean over the image tokens and the real text tokens instead); with ``head: mmf``, through
+        BERT's pooler (what MMF's classifier reads, after dropout)."""
         sequence = self.sequence(batch)
-        return self.text_encoder(
+        state = self.text_encoder(
             None,
             sequence.mask,
             inputs_embeds=sequence.embeds,
             token_type_ids=sequence.segments,
             position_ids=sequence.positions,
         )
+        return self.pooler(state)
+
+    def classify(self, features: Tensor) -> Tensor:
+        """Logits ``[B, targets]`` of :meth:`embed`'s features: dropout, the head transform (``mmf``), output."""
+        return self.output(self.head_transform(self.dropout(features)))
 
     def predict(self, batch: Batch) -> Tensor:
-        return self.output(self.dropout(self.embed(batch)))  # [B, targets]
+        return self.classify(self.embed(batch))  # [B, targets]
+
+    def embed_and_predict(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        features = self.embed(batch)
+        return features, self.classify(features)
 
     def training_step(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        return self.objective(self.predict(batch), batch["labels"])
+        return self.objective(self.predict(batch), batch)
 
 
 def _model_parts(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

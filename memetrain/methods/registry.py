@@ -42,7 +42,17 @@ class DataInfo:
 
 
 def build_method(name: str, options: dict[str, Any], model: dict[str, Any], data: DataInfo):
-    """The method ``name`` built from its options (``configs/method/<name>.yaml``) and the model config."""
+    """The method ``name`` built from its options (``configs/method/<name>.yaml``) and the model config.
+
+    The option ``recipe`` (every method may have one: the paper's optimiser and schedule, trainer
+    options that replace the run's ``trainer.*``; null: none) is the method's :attr:`Method.recipe`,
+    which its stages carry (:class:`memetrain.methods.base.Stage`)."""
+    from memetrain.methods.base import check_recipe
+
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
-    return call_with_options(METHODS[name], dict(model=model, data=data, **options), f"method {name}")
+    options = dict(options)
+    recipe = check_recipe(options.pop("recipe", None), "method.recipe")
+    method = call_with_options(METHODS[name], dict(model=model, data=data, **options), f"method {name}")
+    method.recipe = recipe
+    return method

@@ -40,10 +40,14 @@ class Supervised(Method):
         load_encoder_inits({"image": self.model.image_encoder, "text": self.model.text_encoder}, init)
 
     def training_step(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        return self.objective(self.model(batch), batch["labels"])
+        return self.objective(self.model(batch), batch)
 
     def embed(self, batch: Batch) -> Tensor:
         return self.model.embed(batch)
 
     def predict(self, batch: Batch) -> Tensor:
         return self.model(batch)
+
+    def embed_and_predict(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        features = self.model.encode(batch)  # the encoders once for both
+        return self.model.head.embed(*features), self.model.head(*features)

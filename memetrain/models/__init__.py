@@ -5,7 +5,7 @@ into a :class:`ConfigError` that lists what is accepted::
 
     build_classifier(
         num_outputs=1,
-        image={"name": "resnet50", "pretrained": "weights/resnet50.safetensors"},
+        image={"name": "resnet50", "pretrained": True},  # timm's default tag, from the hub cache
         text={"kind": "lstm", "vocab_size": 8000},
         head={"kind": "cross", "dim": 64},
     )
@@ -13,6 +13,7 @@ into a :class:`ConfigError` that lists what is accepted::
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
@@ -29,6 +30,13 @@ from memetrain.options import call_with_options
 FUSIONS = {"late": LateFusion, "concat": ConcatFusion, "align": AlignFusion, "cross": CrossFusion}
 HEADS = {"linear": LinearHead, "mlp": MLPHead}
 TEXT_ENCODERS = ("lstm", "transformer")
+# TransformerTextEncoder.from_config's options that pretrained weights fix instead
+ARCHITECTURE = (
+    "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings",
+    "dropout", "padding_idx",
+)  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AlignFusion",
@@ -58,15 +66,19 @@ def build_image_encoder(**cfg: Any) -> ImageEncoder:
 
 
 def build_text_encoder(kind: str, **cfg: Any) -> LSTMTextEncoder | TransformerTextEncoder:
-    """``lstm`` or ``transformer``; a transformer with ``pretrained`` (a local model directory)
-    takes only ``pooling``, ``grad_checkpointing`` and ``freeze`` beside it, since the directory
-    fixes the architecture."""
+    """``lstm`` or ``transformer``. A transformer with ``pretrained`` (a Hugging Face model id or a
+    local model directory) takes its architecture from the weights: the from-scratch options
+    (``ARCHITECTURE``: ``hidden_size``, ``num_layers`` ...) are then not used; ``pooling``,
+    ``grad_checkpointing`` and ``freeze`` apply."""
     if kind == "lstm":
         return call_with_options(LSTMTextEncoder, cfg, "lstm text encoder")
     if kind == "transformer":
         path = cfg.pop("pretrained", None)
         if path is None:
             return call_with_options(TransformerTextEncoder.from_config, cfg, "transformer text encoder")
+        unused = {name: cfg.pop(name) for name in ARCHITECTURE if name in cfg}
+        if any(value is not None for value in unused.values()):
+            log.info("model.text.pretrained=%s gives the architecture; not used: %s", path, unused)
         return call_with_options(
             TransformerTextEncoder.from_pretrained,
             {"path": path, **cfg},

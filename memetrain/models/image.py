@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import difflib
+import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import timm
+import timm.data
 import torch
 from torch import Tensor, nn
 
 from memetrain.errors import ConfigError
-from memetrain.models.weights import describe_mismatch
+from memetrain.models.hub import Pretrained, remember
+from memetrain.models.timm_weights import TimmWeights, close_names, resolve
+from memetrain.models.weights import describe_mismatch, reading_weights
 
-SUGGESTIONS = 8
+log = logging.getLogger(__name__)
+
+__all__ = ["ImageEncoder", "ImageNormalizer", "build_backbone", "close_names", "create_backbone"]
 
 
 class ImageNormalizer(nn.Module):
@@ -21,7 +27,8 @@ class ImageNormalizer(nn.Module):
 
     Batches stay uint8 through the loader (4x less host memory and transfer than float32) and are
     normalised here, on the device. ``mean`` and ``std`` are non-persistent buffers: they follow
-    ``.to(device)`` but come from the configuration, not from checkpoints. ``memory_format`` is
+    ``.to(device)`` but come from the weights' pretrained config (``ImageEncoder.data_config``,
+    open_clip's ``preprocess_cfg``), not from checkpoints. ``memory_format`` is
     the layout of the output (:func:`memetrain.models.memory.use_channels_last` changes it).
     """
 
@@ -48,26 +55,35 @@ class ImageNormalizer(nn.Module):
 class ImageEncoder(nn.Module):
     """A timm backbone without its classifier: uint8 ``[B, 3, H, W]`` to pooled features ``[B, out_dim]``.
 
-    ``name`` is any timm model name, optionally with a pretrained tag (``vit_base_patch16_224.dino``),
-    which selects the normalisation mean and std. ``image_size`` is passed to models with a fixed
-    input size (ViT, Swin); convolutional nets take any size. ``pretrained`` is the path of a local
-    timm-format weights file (``.safetensors`` preferred; ``.pth``/``.bin`` are read with
-    ``weights_only=True``); nothing is downloaded. ``freeze`` stops gradients and keeps the backbone
-    in eval mode (batch-norm statistics fixed), as a linear probe needs.
+    ``name`` is any timm model name, optionally with a pretrained tag (``vit_base_patch16_224.dino``).
+    ``pretrained`` names the weights (:mod:`memetrain.models.timm_weights`): ``true`` for timm's default
+    tag, a tag or full timm name, ``hf-hub:<repo>``, or a local file; hub weights come through timm's
+    hub code and the Hugging Face cache (``HF_HUB_OFFLINE=1`` reads only the cache). The weights' own
+    pretrained config is the one source of ``data_config`` (timm's ``resolve_model_data_config``:
+    ``mean``, ``std``, ``input_size``, ``interpolation``, ``crop_pct``), and so of the normalisation;
+    without weights, the name's tag (or timm's default tag) gives it. ``image_size`` is passed to models
+    with a fixed input size (ViT, Swin; loaded position embeddings are resampled); convolutional nets
+    take any size. ``freeze`` stops gradients and keeps the backbone in eval mode (batch-norm
+    statistics fixed), as a linear probe needs.
     """
 
     def __init__(
         self,
         name: str,
         image_size: int | None = None,
-        pretrained: str | None = None,
+        pretrained: bool | str | None = None,
         grad_checkpointing: bool = False,
         freeze: bool = False,
     ):
         super().__init__()
-        self.model = create_backbone(name, image_size, pretrained)
-        cfg = self.model.pretrained_cfg
-        self.normalize = ImageNormalizer(cfg["mean"], cfg["std"])
+        weights = resolve(name, pretrained)
+        self.model, files = build_backbone(weights, image_size)
+        self.data_config: dict[str, Any] = timm.data.resolve_model_data_config(self.model)
+        self.normalize = ImageNormalizer(self.data_config["mean"], self.data_config["std"])
+        if files:
+            source = "file" if weights.local else "timm"
+            remember(self, Pretrained(source, weights.arch, weights.tag, tuple(files)))
+            _log_weights(weights, files[-1], self.data_config, image_size)
         # models with a pre-logits MLP (VGG) return its output, wider than the trunk's channels
         self.out_dim: int = getattr(self.model, "head_hidden_size", None) or self.model.num_features
         self.frozen = freeze
@@ -115,46 +131,64 @@ class ImageEncoder(nn.Module):
         return features  # [B, map_dim, h, w]
 
 
-def create_backbone(name: str, image_size: int | None, pretrained: str | None) -> nn.Module:
-    """``timm.create_model`` with no classifier, strict local weights and no hub access."""
-    if not timm.is_model(name):
-        raise ConfigError(f"unknown timm model {name!r}; close matches: {', '.join(close_names(name))}")
-    try:
-        pretrained_cfg = timm.get_pretrained_cfg(name)
-    except RuntimeError:
-        tags = timm.list_pretrained(name.split(".")[0] + ".*") or ["none"]
-        raise ConfigError(
-            f"timm model {name!r} has an unknown pretrained tag; known: {', '.join(tags)}"
-        ) from None
+def create_backbone(name: str, image_size: int | None, pretrained: bool | str | None) -> nn.Module:
+    """``timm.create_model`` with no classifier, its weights as ``pretrained`` names them (see
+    :mod:`memetrain.models.timm_weights`), loaded strictly."""
+    return build_backbone(resolve(name, pretrained), image_size)[0]
+
+
+def build_backbone(weights: TimmWeights, image_size: int | None) -> tuple[nn.Module, list[Path]]:
+    """The backbone of ``weights`` and the files its weights were read from (none: random init,
+    or models built for their structure only, :func:`memetrain.models.weights.structure_only`)."""
+    reading = reading_weights()
+    if weights.from_hub_repo:
+        weights.resolve_hub_config(download=True)  # its config.json: architecture and statistics
     kwargs = {}
-    if image_size is not None and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+    if image_size is not None and weights.cfg.get("fixed_input_size"):
         kwargs["img_size"] = image_size
-    if pretrained is None:
-        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    classifier = (pretrained_cfg.classifier if pretrained_cfg else None) or ()
-    state = _read_timm_weights(Path(pretrained), (classifier,) if isinstance(classifier, str) else classifier)
-    # timm loads a pretrained_cfg "file" non-strictly (missing and unexpected names are only logged)
-    # when num_classes differs from the checkpoint's. So the classifier is dropped here and the
-    # state dict handed over in memory with num_classes=0: timm still adapts it (position-embedding
-    # resampling for another image size, layout conversions) and loads it strictly.
-    overlay = {"state_dict": state, "num_classes": 0}
+    if not weights.loads or not reading:
+        return timm.create_model(weights.build_name, pretrained=False, num_classes=0, **kwargs), []
+    files = weights.fetch()
+    path = files[-1]
+    if weights.local:
+        # timm loads a pretrained_cfg "file" non-strictly (missing and unexpected names are only
+        # logged) when num_classes differs from the checkpoint's. So the classifier is dropped here
+        # and the state dict handed over in memory with num_classes=0: timm still adapts it
+        # (position-embedding resampling for another image size, layout conversions) and loads it strictly.
+        classifier = weights.cfg.get("classifier") or ()
+        heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        overlay = {"state_dict": _read_timm_weights(path, heads), "num_classes": 0}
+        num_classes = 0
+    else:
+        # Hub weights keep their classifier and load strictly into a model with the checkpoint's own
+        # classes, after timm's conversions (which may create the classifier, as from open_clip
+        # checkpoints); the classifier goes afterwards.
+        overlay = {"state_dict": _read_timm_weights(path, ()), "source": ""}
+        num_classes = weights.cfg.get("num_classes", 1000)
     try:
         model = timm.create_model(
-            name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay, **kwargs
+            weights.build_name,
+            pretrained=True,
+            num_classes=num_classes,
+            pretrained_cfg_overlay=overlay,
+            **kwargs,
         )
     except RuntimeError as err:
         raise ConfigError(
-            f"weights file {pretrained} does not fit timm model {name!r} (image_size={image_size}): "
-            f"{_summarise_load_error(str(err))}; check the model name and that the file holds its weights"
+            f"weights file {path} ({weights.describe()}) does not fit timm model {weights.arch!r} "
+            f"(image_size={image_size}): {_summarise_load_error(str(err))}; check the model name and that "
+            "the file holds its weights"
         ) from None
     model.pretrained_cfg.pop("state_dict", None)  # a copy of the weights, not to be kept alive
-    return model
+    if num_classes:
+        model.reset_classifier(0)
+    return model, [path]
 
 
 def _read_timm_weights(path: Path, heads: tuple[str, ...]) -> dict[str, Tensor]:
     """A timm-format state dict without the classifier ``heads`` (module names)."""
     if not path.is_file():
-        raise ConfigError(f"pretrained weights file {path} not found (weights are never downloaded)")
+        raise ConfigError(f"pretrained weights file {path} not found; check the path")
     try:
         state = timm.models.load_state_dict(str(path), weights_only=True)
     except (RuntimeError, ValueError, EOFError) as err:
@@ -176,10 +210,15 @@ def _summarise_load_error(message: str) -> str:
     return describe_mismatch(missing, unexpected, shapes) or " ".join(message.split())
 
 
-def close_names(name: str) -> list[str]:
-    """timm model names that contain ``name`` or look like it."""
-    everything = timm.list_models()
-    stem = name.split(".")[0]
-    found = timm.list_models(f"*{stem}*")[:SUGGESTIONS]
-    found += difflib.get_close_matches(stem, everything, n=SUGGESTIONS, cutoff=0.6)
-    return list(dict.fromkeys(found))[:SUGGESTIONS] or ["none (see timm.list_models())"]
+def _log_weights(weights: TimmWeights, path: Path, data: dict[str, Any], image_size: int | None) -> None:
+    native = data["input_size"][-1]
+    log.info(
+        "%s: weights from %s; normalised with mean %s, std %s; trained at %d px with %s interpolation%s",
+        weights.describe(),
+        path,
+        tuple(round(v, 4) for v in data["mean"]),
+        tuple(round(v, 4) for v in data["std"]),
+        native,
+        data["interpolation"],
+        f" (this run feeds {image_size} px)" if image_size and image_size != native else "",
+    )

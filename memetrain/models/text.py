@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
-from transformers import AutoModel, BertConfig, BertModel, PreTrainedModel
+from transformers import BertConfig, BertModel, PreTrainedModel
 
 from memetrain.errors import ConfigError
-from memetrain.models.weights import describe_mismatch
+from memetrain.models.hub import Pretrained, remember
+from memetrain.models.text_weights import resolve as resolve_text_weights
+
+log = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean")
 
@@ -47,7 +51,14 @@ class LSTMTextEncoder(nn.Module):
         )
         self.out_dim = hidden_size * (2 if bidirectional else 1)
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids it embeds: the tokenizer's must not exceed it."""
+        return self.embedding.num_embeddings
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self._without_packing(input_ids, attention_mask)
         # move each row's real tokens to the front, keeping their order: [B, L]
         order = attention_mask.argsort(dim=1, descending=True, stable=True)
         tokens = input_ids.gather(1, order)
@@ -58,13 +69,31 @@ class LSTMTextEncoder(nn.Module):
             return torch.cat([hidden[-2], hidden[-1]], dim=1)  # [B, 2 * hidden_size]
         return hidden[-1]  # [B, hidden_size]
 
+    def _without_packing(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The same features from ops ONNX has (no packed sequences, no stable sort): the real
+        tokens scattered to the front, the LSTM run over the whole row, and the top layer's output
+        read at the last real token, which is the final hidden state of a forward LSTM."""
+        if self.lstm.bidirectional:
+            raise ConfigError(
+                "a bidirectional LSTM text tower cannot be exported to ONNX (its backward pass needs packed "
+                "sequences); export it with format=torchscript"
+            )
+        mask = attention_mask.long()
+        real = mask.cumsum(dim=1) - 1  # [B, L]: a real token's place among the real ones
+        count = mask.sum(dim=1, keepdim=True)  # [B, 1]
+        pad = count + (1 - mask).cumsum(dim=1) - 1  # [B, L]: a padding token's place after them
+        tokens = torch.zeros_like(input_ids).scatter(1, torch.where(mask.bool(), real, pad), input_ids)
+        outputs, _ = self.lstm(self.embedding(tokens))  # [B, L, hidden_size]
+        last = (count.clamp(min=1) - 1).unsqueeze(-1).expand(-1, 1, outputs.shape[-1])  # [B, 1, hidden_size]
+        return outputs.gather(1, last).squeeze(1)  # [B, hidden_size]
+
 
 class TransformerTextEncoder(nn.Module):
     """A BERT-like encoder (Devlin et al. 2019): token ids to one feature ``[B, hidden_size]``.
 
-    Built from a fresh :class:`BertConfig` (:meth:`from_config`) or from a local Hugging Face model
-    directory (:meth:`from_pretrained`). ``pooling`` is ``cls`` (the first token's final state) or
-    ``mean`` (the average over real tokens). The model's pooler is dropped: it is unused here, and
+    Built from a fresh :class:`BertConfig` (:meth:`from_config`) or from pretrained weights, a Hugging
+    Face model id or a local model directory (:meth:`from_pretrained`). ``pooling`` is ``cls`` (the
+    first token's final state) or ``mean`` (the average over real tokens). The model's pooler is dropped: it is unused here, and
     unused parameters break DistributedDataParallel. MMBT-style models call :meth:`input_embeddings`
     and pass their own ``inputs_embeds``, with the segment and position of every token.
     """
@@ -79,7 +108,15 @@ class TransformerTextEncoder(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ConfigError(f"text pooling {pooling!r} is unknown; choose one of {', '.join(POOLINGS)}")
-        if getattr(model, "pooler", None) is not None:
+        pooler = getattr(model, "pooler", None)
+        # kept as plain tensors, not parameters: a model that reads BERT's pooler (MMBT's MMF head)
+        # starts its own from them; unused parameters would break DistributedDataParallel
+        self.pretrained_pooler = (
+            {k: v.detach().clone() for k, v in pooler.dense.state_dict().items()}
+            if pooler is not None and hasattr(pooler, "dense")
+            else None
+        )
+        if pooler is not None:
             model.pooler = None
         self.model = model
         self.pooling = pooling
@@ -91,6 +128,11 @@ class TransformerTextEncoder(nn.Module):
         if freeze:
             model.requires_grad_(False)
             model.eval()
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids it embeds (its config's): the tokenizer's must not exceed it."""
+        return self.model.config.vocab_size
 
     @classmethod
     def from_config(
@@ -127,32 +169,18 @@ class TransformerTextEncoder(nn.Module):
     def from_pretrained(
         cls, path: str | Path, pooling: str = "cls", grad_checkpointing: bool = False, freeze: bool = False
     ) -> TransformerTextEncoder:
-        """A local model directory (``save_pretrained`` layout), every weight but the pooler required.
-
-        safetensors files are preferred and ``.bin`` files are read with ``weights_only=True``;
-        nothing is downloaded. Extra weights (pretraining heads) are ignored.
-        """
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"text model directory {path} not found or has no config.json: point it at a local "
-                "Hugging Face model directory (models are never downloaded)"
-            )
-        try:
-            model, info = AutoModel.from_pretrained(
-                str(path), local_files_only=True, weights_only=True, output_loading_info=True
-            )
-        except RuntimeError as err:  # shapes that differ from config.json, among others
-            raise ConfigError(
-                f"text model directory {path} cannot be loaded (see the load report above): {err}"
-            ) from None
-        missing = sorted(name for name in info["missing_keys"] if not name.startswith("pooler."))
-        if missing:
-            raise ConfigError(
-                f"text model directory {path} does not hold all of its model's weights: "
-                f"{describe_mismatch(missing, [])}"
-            )
-        return cls(model, pooling, grad_checkpointing, freeze)
+        """A Hugging Face model id (``bert-base-uncased``), read through transformers' hub code and
+        cache (``HF_HUB_OFFLINE=1``: the cache only), or a local model directory (``save_pretrained``
+        layout); every weight but the pooler required, extra weights (pretraining heads) ignored.
+        safetensors files are preferred and ``.bin`` files are read with ``weights_only=True``."""
+        weights = resolve_text_weights(path)
+        model, files = weights.load()
+        encoder = cls(model, pooling, grad_checkpointing, freeze)
+        if files:
+            source = "file" if weights.local else "transformers"
+            remember(encoder, Pretrained(source, weights.name, weights.tag, tuple(files)))
+            log.info("%s: weights from %s", weights.describe(), ", ".join(map(str, files)))
+        return encoder
 
     def train(self, mode: bool = True) -> TransformerTextEncoder:
         super().train(mode)

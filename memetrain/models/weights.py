@@ -9,7 +9,9 @@ are flattened to dotted names, so ``prefix="model."`` selects the model's weight
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a weights file, by dotted name, on the CPU."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"weights file {path} not found: check the path (weights are never downloaded)")
+        raise ConfigError(f"weights file {path} not found: check the path")
     if path.suffix == ".safetensors":
         return load_file(path, device="cpu")
     if path.suffix not in TORCH_SUFFIXES:
@@ -62,6 +64,10 @@ def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> None:
     Every parameter and buffer of ``module`` must be in the file with the same shape, and the
     file must hold nothing else under ``prefix``; otherwise a :class:`ConfigError` says what differs.
     """
+    if _STRUCTURE_ONLY.get():
+        return
+    from memetrain.models.hub import Pretrained, remember
+
     state = read_state_dict(path)
     if prefix:
         names = sorted({name.split(".")[0] + "." for name in state})
@@ -86,6 +92,7 @@ def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> None:
             + "; check the prefix and that the file was saved from the same architecture"
         )
     module.load_state_dict(state, strict=True)
+    remember(module, Pretrained("checkpoint", type(module).__name__, prefix or None, (Path(path),)))
 
 
 def load_encoder_inits(
@@ -118,3 +125,22 @@ def describe_mismatch(missing: Iterable[str], unexpected: Iterable[str], shapes:
 def _examples(items: list[str], count: int = EXAMPLES) -> str:
     shown = ", ".join(items[:count])
     return shown + (f", ... {len(items) - count} more" if len(items) > count else "")
+
+
+_STRUCTURE_ONLY = ContextVar("structure_only", default=False)
+
+
+@contextmanager
+def structure_only() -> Iterator[None]:
+    """Build models without reading the weights their config names (a model bundle loads its
+    own over them, and the files of the pretraining runs it came from need not exist)."""
+    token = _STRUCTURE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _STRUCTURE_ONLY.reset(token)
+
+
+def reading_weights() -> bool:
+    """False inside :func:`structure_only`: builders then skip every weights file and hub download."""
+    return not _STRUCTURE_ONLY.get()

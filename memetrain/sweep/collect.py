@@ -10,8 +10,12 @@ accuracy, and weighted F1 where a group ran on MAMI (the score the SemiMemes pap
 where runs also predicted other labels (MAMI task B: shaming, stereotype, objectification,
 violence), their MAMI score (the official task B F1: each label's macro F1 weighted by its positive
 count), scikit-learn's weighted and macro positive-class F1, mean AUROC and each label's F1.
-Jobs without results (failed, pending, running, or done without a results.json) and runs without
-the tabled metrics are listed under the table, never averaged away.
+Jobs without results (failed, pending, running, or done without a results.json), results.json
+files it cannot read (empty, cut off, not JSON, keys missing or of the wrong kind: each with why)
+and runs without the tabled metrics are listed under the table, never averaged away and never
+fatal. run.py writes results.json whole (:mod:`memetrain.fileio`: a temporary file, fsynced, then
+renamed), so a run killed or out of disk space while writing it leaves none; one that cannot be
+read was damaged afterwards.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ TASK_B = (
     "task_b_f1_macro",
     "task_b_auroc",
 )  # then "f1:<label>" per label
+TASK_B_KEYS = ("f1_weighted_macro", "f1_weighted", "f1_macro", "auroc")  # read from a task-B score
 NAMES = {
     "auroc": "AUROC",
     "accuracy": "Accuracy",
@@ -148,6 +153,12 @@ def build_table(sweep_dir: Path, reference: ReferenceTable | None, protocol: str
             if results is None:
                 not_counted.append(_why_no_results(job))
                 continue
+            if isinstance(results, str):
+                not_counted.append(
+                    f"`{job.name}` (seed {job.seed}): {job.directory}/results.json {results}; delete it and "
+                    "re-run the job"
+                )
+                continue
             read += 1
             chosen = _choose(results, protocol, split)
             if isinstance(chosen, str):
@@ -208,7 +219,7 @@ def build_table(sweep_dir: Path, reference: ReferenceTable | None, protocol: str
         row.cells = {metric: row.cells.get(metric, Cell()) for metric in metrics}
     row_protocols = {row.protocol for row in rows if row.protocol}
     row_splits = {row.split for row in rows if row.split}
-    unmatched = _match_reference(reference, rows) if reference else []
+    unmatched = _match_reference(reference, rows, metrics) if reference else []
     columns = list(dict.fromkeys(k for row in rows for k in row.items))
     return Table(
         rows=rows,
@@ -223,23 +234,90 @@ def build_table(sweep_dir: Path, reference: ReferenceTable | None, protocol: str
     )
 
 
-def _read_results(job: Job) -> dict[str, Any] | None:
+def _read_results(job: Job) -> dict[str, Any] | str | None:
+    """The run's results.json; None where it has none; why, where it has one that cannot be read."""
     path = f"{job.directory}/results.json"  # a str: 10 000 Path joins cost more than the reads
     try:
         with open(path, "rb") as handle:
             content = handle.read()
     except FileNotFoundError:
         return None
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if not content.strip():
+        return f"is empty ({len(content)} bytes)"
     try:
         results = json.loads(content)
-    except ValueError as err:
-        raise ConfigError(
-            f"{path} is not valid JSON ({err}); results.json is written whole at the end of a run, so this "
-            "one was damaged after: delete it and re-run the job"
-        ) from err
-    if not isinstance(results, dict) or not isinstance(results.get("protocols"), dict):
-        raise ConfigError(f"{path} has no 'protocols': it is not a results.json written by memetrain")
-    return results
+    except ValueError as err:  # UnicodeDecodeError too
+        return f"is not JSON, or is cut off ({err})"
+    return _malformed(results) or results
+
+
+def _malformed(results: Any) -> str | None:
+    """What in ``results`` (a parsed results.json) the collector cannot read, or None: the keys it
+    reads present and of their kind (run.py's layout, :func:`memetrain.eval.protocols.score_splits`)."""
+    if not isinstance(results, dict):
+        return f"holds a JSON {type(results).__name__}, not the object of a memetrain run's results"
+    if not isinstance(results.get("protocols"), dict):
+        return "has no 'protocols' object: it is not a results.json written by memetrain"
+    for key, kinds in (("seed", (int, type(None))), ("method", (str, type(None))), ("data", (dict,))):
+        if key in results and not _of_kind(results[key], kinds):
+            return f"has {key}={_short(results[key])}, not {' or '.join(_kind_names(kinds))}"
+    for protocol, result in results["protocols"].items():
+        where = f"protocols.{protocol}"
+        if not isinstance(result, dict):
+            return f"has {where}={_short(result)}, not an object"
+        for part in ("splits", "multilabel"):
+            if not isinstance(result.get(part, {}), dict):
+                return f"has {where}.{part}={_short(result[part])}, not an object"
+        for name, metrics in result.get("splits", {}).items():
+            if not isinstance(metrics, dict):
+                return f"has {where}.splits.{name}={_short(metrics)}, not an object"
+            if problem := _not_numbers(metrics, (*METRICS, MAMI_METRIC), f"{where}.splits.{name}", False):
+                return problem
+        for name, metrics in result.get("multilabel", {}).items():
+            here = f"{where}.multilabel.{name}"
+            if not isinstance(metrics, dict):
+                return f"has {here}={_short(metrics)}, not an object"
+            if "per_label" not in metrics:
+                continue  # not a task-B score: the collector reads nothing of it
+            if problem := _not_numbers(metrics, TASK_B_KEYS, here, True):
+                return problem
+            if not isinstance(metrics["per_label"], dict):
+                return f"has {here}.per_label={_short(metrics['per_label'])}, not an object"
+            for label_name, scores in metrics["per_label"].items():
+                if not isinstance(scores, dict):
+                    return f"has {here}.per_label.{label_name}={_short(scores)}, not an object"
+                if problem := _not_numbers(scores, ("f1",), f"{here}.per_label.{label_name}", True):
+                    return problem
+    return None
+
+
+def _not_numbers(metrics: dict, keys: tuple[str, ...], where: str, required: bool) -> str | None:
+    """Why ``metrics`` cannot give the numbers ``keys`` (a number, or null where it has none)."""
+    for key in keys:
+        if key not in metrics:
+            if required:
+                return f"lacks {where}.{key}"
+            continue
+        value = metrics[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"has {where}.{key}={_short(value)}, not a number"
+    return None
+
+
+def _of_kind(value: Any, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+
+
+def _kind_names(kinds: tuple[type, ...]) -> list[str]:
+    names = {int: "an integer", str: "a string", dict: "an object", type(None): "null"}
+    return [names[kind] for kind in kinds]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _why_no_results(job: Job) -> str:
@@ -317,8 +395,9 @@ def _headline(common: dict[str, Any], methods: set[str]) -> str:
     return label(items) or "all runs"
 
 
-def _match_reference(reference: ReferenceTable, rows: list[Row]) -> list[str]:
-    """Attach each row's published row; return the published rows no row matched."""
+def _match_reference(reference: ReferenceTable, rows: list[Row], metrics: list[str]) -> list[str]:
+    """Attach each row's published row; return the published rows no row matched. A published row
+    whose metric our row does not report is refused: it would stand beside a different metric."""
     used = set()
     for row in rows:
         if row.first_counted is None or "," in row.split:
@@ -326,12 +405,25 @@ def _match_reference(reference: ReferenceTable, rows: list[Row]) -> list[str]:
         row.published = reference.row_for(_lookup(row.first_counted, row), row.split, f"row `{row.label}`")
         if row.published is not None:
             used.add(id(row.published))
+            _check_same_metrics(reference, row, metrics)
     splits = {row.split for row in rows}
     return [
         published.label
         for published in reference.rows
         if id(published) not in used and (published.split is None or published.split in splits)
     ]
+
+
+def _check_same_metrics(reference: ReferenceTable, row: Row, metrics: list[str]) -> None:
+    missing = [m for m in row.published.values if m not in metrics]
+    if missing:
+        described = "; ".join(f"{m}: {reference.metrics[m]}" for m in missing)
+        raise ConfigError(
+            f"{reference.path.name}: {row.published.label!r} publishes {described}; row `{row.label}` has no "
+            f"such metric (the runs report {', '.join(metrics) or 'none'}), and a "
+            "published value is only set beside the same metric: run what reports it (MAMI task B: "
+            "data=mami_task_b) or choose another reference"
+        )
 
 
 def _lookup(job: Job, row: Row):

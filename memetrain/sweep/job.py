@@ -1,4 +1,5 @@
-"""One sweep job as a submitit Checkpointable: its runs, each a ``launcher/train.py`` process, in order.
+"""One sweep job as a submitit Checkpointable: its runs, each a training process
+(``python -m memetrain train``, what ``launcher/train.py`` runs), in order.
 
 A run that already has ``results.json`` is skipped, so a requeued or re-run job continues where it
 stopped, and an interrupted training resumes from its newest checkpoint (``resume=auto``).
@@ -9,7 +10,12 @@ with ``STOPPED_EXIT_CODE`` (:mod:`memetrain.engine.stopping`). On rank 0 submiti
 :meth:`SweepJob.checkpoint`, which waits for the training to have saved and returns this job for
 submitit to requeue, at most ``max_requeues`` times. Under several tasks (``tasks_per_node``,
 ``nodes``) every task starts its own training process with RANK, WORLD_SIZE, LOCAL_RANK and
-MASTER_ADDR/PORT from submitit's job environment, so each array task is one distributed run.
+MASTER_ADDR/PORT mapped from the task's Slurm variables (:mod:`memetrain.slurm_env`, the mapping
+``launcher/train.py`` makes under srun), so each array task is one distributed run.
+
+A job that ends without results leaves, beside submitit's files, one JSON file per task with the
+line that says why (:func:`ending_path`), which the sweep reads to decide whether to retry it
+(:mod:`memetrain.sweep.retry`): nothing of it is unpickled.
 
 This module imports neither torch nor the library's training code: the submitit process that runs
 it stays small while the training runs beside it.
@@ -17,6 +23,7 @@ it stays small while the training runs beside it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,12 +34,19 @@ from pathlib import Path
 
 import submitit
 from submitit.core.utils import JobPaths
-from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
+from submitit.helpers import Checkpointable, DelayedSubmission
 
-from memetrain.errors import STOPPED_EXIT_CODE, MemetrainError
+from memetrain.errors import PEER_FAILED_EXIT_CODE, STOPPED_EXIT_CODE, MemetrainError
+from memetrain.fileio import atomic_write_json
+from memetrain.run_record import finished
+from memetrain.slurm_env import torch_env
 from memetrain.sweep.grid import AFTER, PRETRAIN, JobSpec, fill_weights
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "launcher" / "train.py"
+TRAIN_COMMAND = (sys.executable, "-m", "memetrain", "train")  # also from a wheel, which has no launcher/
+# in the error of a run whose process died by a signal, or whose peer did: memetrain.sweep.retry retries such a job
+KILLED = "training was killed by"
+PEER_DIED = "training stopped: another process of the run died"
+NOT_REQUEUED = "not requeued again"  # in the ending of a job past launcher.max_requeues
 
 
 class JobFailed(MemetrainError):
@@ -55,6 +69,7 @@ class SweepJob(Checkpointable):
         self.spec, self.sweep_dir, self.log, self.own_session = spec, Path(sweep_dir), log, own_session
         self.max_requeues, self.stop_timeout_s = max_requeues, stop_timeout_s
         self.requeues = 0
+        self.env: dict[str, str] = {}  # set for this job by the launcher (a local job's GPU or CPU share)
         self._child: subprocess.Popen | None = None
         self._stopping = False
 
@@ -66,10 +81,10 @@ class SweepJob(Checkpointable):
         return {**self.__dict__, "_child": None, "_stopping": False}  # process state is not part of the job
 
     def __call__(self) -> str:
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **_distributed_env()}
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **_distributed_env(), **self.env}
         for relative, overrides in self.spec.runs:
             run_dir = (self.directory / relative).resolve()
-            if (run_dir / "results.json").is_file():
+            if finished(run_dir):
                 continue
             if self._stopping:
                 raise JobFailed(f"{run_dir}: not started, the sweep was interrupted; re-run it to resume")
@@ -79,8 +94,9 @@ class SweepJob(Checkpointable):
                 self._await_requeue()
             if code != 0:
                 where = self.log or "the job's log"
-                what = "stopped by a signal" if code == STOPPED_EXIT_CODE else f"failed with exit code {code}"
-                raise JobFailed(f"{run_dir}: training {what} (see {where}); re-run the sweep to resume it")
+                error = f"{run_dir}: {_ending(code)} (see {where}); re-run the sweep to resume it"
+                _record_ending(error)
+                raise JobFailed(error)
         return str(self.directory / "results.json")
 
     def checkpoint(self, *args, **kwargs) -> DelayedSubmission | None:
@@ -90,11 +106,12 @@ class SweepJob(Checkpointable):
             self._child.send_signal(signal.SIGUSR2)  # Slurm signalled it too, unless it was only us
             self._await_exit(self._child.pid)
         if self.requeues >= self.max_requeues:
-            print(
-                f"{self.spec.name}: requeued {self.requeues} times (launcher.max_requeues); not again. "
-                "The training saved a checkpoint: re-run the sweep to resume it.",
-                file=sys.stderr,
+            error = (
+                f"{self.spec.name}: requeued {self.requeues} times (launcher.max_requeues), {NOT_REQUEUED}. "
+                "The training saved a checkpoint: re-run the sweep to resume it."
             )
+            print(error, file=sys.stderr)
+            _record_ending(error)
             return None
         self.requeues += 1
         return super().checkpoint(*args, **kwargs)
@@ -106,7 +123,7 @@ class SweepJob(Checkpointable):
             self._child.send_signal(signal.SIGTERM)
 
     def _train(self, args: list[str], env: dict[str, str]) -> int:
-        command = [sys.executable, str(TRAIN_SCRIPT), *args]
+        command = [*TRAIN_COMMAND, *args]
         if self.log is not None:
             self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") if self.log is not None else nullcontext() as out:
@@ -161,6 +178,49 @@ class SweepJob(Checkpointable):
         return {token: latest_weights(run_dir) for token, run_dir in needed.items()}
 
 
+def ending_path(folder: Path, job_id: str, task: int) -> Path:
+    """Where task ``task`` of the Slurm job ``job_id`` (``123_4`` in an array) says why it ended
+    without results, in submitit's folder of the job."""
+    return Path(folder) / f"{job_id}_{task}_ending.json"
+
+
+def _record_ending(error: str) -> None:
+    """This task's ending, for the sweep driver (under submitit only: the local launcher watches its
+    jobs itself)."""
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return
+    env = submitit.JobEnvironment()
+    atomic_write_json(ending_path(env.paths.folder, env.job_id, env.global_rank), {"error": error})
+
+
+def read_endings(folder: Path, job_id: str) -> list[str]:
+    """The endings the tasks of ``job_id`` recorded, by task (a task killed before it could write
+    one records none; an unreadable file says so)."""
+    endings = []
+    for path in sorted(
+        Path(folder).glob(f"{job_id}_*_ending.json"), key=lambda p: int(p.name.split("_")[-2])
+    ):
+        try:
+            endings.append(str(json.loads(path.read_text())["error"]))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            endings.append(f"{path.name} is unreadable ({type(err).__name__})")
+    return endings
+
+
+def _ending(code: int) -> str:
+    if code == STOPPED_EXIT_CODE:
+        return "training stopped by a signal"
+    if code == PEER_FAILED_EXIT_CODE:
+        return PEER_DIED
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"{KILLED} {name}"
+    return f"training failed with exit code {code}"
+
+
 def latest_weights(run_dir: Path) -> Path:
     """``model.safetensors`` of the newest complete checkpoint of a finished run."""
     found = sorted(run_dir.glob("checkpoints/step_*/model.safetensors"), key=lambda p: int(p.parent.name[5:]))
@@ -170,15 +230,6 @@ def latest_weights(run_dir: Path) -> Path:
 
 
 def _distributed_env() -> dict[str, str]:
-    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT of this task when a submitit job has several."""
-    if "SUBMITIT_FOLDER" not in os.environ or submitit.JobEnvironment().num_tasks == 1:
-        return {}
-    dist = TorchDistributedEnvironment()
-    return {
-        "MASTER_ADDR": dist.master_addr,
-        "MASTER_PORT": str(dist.master_port),
-        "RANK": str(dist.rank),
-        "WORLD_SIZE": str(dist.world_size),
-        "LOCAL_RANK": str(dist.local_rank),
-        "LOCAL_WORLD_SIZE": str(dist.local_world_size),
-    }
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT of this task when it runs in an srun step
+    (submitit starts every task of a job with srun), from Slurm's variables; empty elsewhere."""
+    return torch_env(os.environ)

@@ -24,9 +24,13 @@ def wait(
     refresh: Callable[[], None],
     on_change: Callable[[], None],
     title: str,
+    on_end: Callable[[object, JobState], object | None] = lambda handle, state: None,
 ) -> None:
     """Poll ``handles`` until every job has ended, keeping ``states`` (and, through ``on_change``,
-    ``sweep.json``) current; finished jobs are printed as they end, failed ones with their log."""
+    ``sweep.json``) current; finished jobs are printed as they end, failed ones with their log.
+    ``on_end(handle, state)`` hears of each job that ended (done or failed) and may return the
+    handle of the same job submitted again (a retry), which is then waited for in its place."""
+    handles = list(handles)
     live = sys.stderr.isatty()
     bar = tqdm(total=len(handles), desc=title, unit="job", dynamic_ncols=True)
     line = tqdm(bar_format="{desc}", dynamic_ncols=True, leave=False, disable=not live)
@@ -34,14 +38,21 @@ def wait(
         while True:
             refresh()
             changed = False
-            for handle in handles:
+            for index, handle in enumerate(handles):
                 new = handle.poll()
-                if new.status != states[handle.name].status:
-                    states[handle.name], changed = new, True
-                    if new.status == DONE:
-                        bar.write(f"done    {handle.name}")
-                    elif new.status == FAILED:
-                        bar.write(f"failed  {handle.name}: {new.error}\n        log: {new.log}")
+                if new.status == states[handle.name].status:
+                    continue
+                states[handle.name], changed = new, True
+                if new.status not in (DONE, FAILED):
+                    continue
+                again = on_end(handle, new)
+                if again is not None:
+                    handles[index] = again
+                    bar.write(f"retry   {handle.name}: {new.error} (now Slurm job {again.job_id})")
+                elif new.status == DONE:
+                    bar.write(f"done    {handle.name}")
+                else:
+                    bar.write(f"failed  {handle.name}: {states[handle.name].error}\n        log: {new.log}")
             if changed:
                 on_change()
             counts = {

@@ -8,6 +8,13 @@ picks our group (every key must equal the group's value, looked up in this order
 values, where ``method`` is the method's label in the sweep config; the job's Hydra overrides; the
 method its results.json names; the run's resolved config keys such as ``data.image_size``), an
 optional split, and the published metrics as ``[mean, std]`` or a bare mean.
+
+Every table names its metrics (``metrics``: each metric key it uses, with how the source computes
+it), and a metric key is the name of our table's column it is set beside: a published value is
+only ever shown next to the same metric of ours (:func:`memetrain.sweep.collect.build_table`
+refuses a matched row whose metric our runs do not report). The SemiMemes MAMI figures, for
+example, are ``task_b_f1_weighted_macro``: each task-B label's macro F1 weighted by its positive
+count, as its ``weighted_f1_multilabel`` computes it, not the main label's weighted F1.
 """
 
 from __future__ import annotations
@@ -21,8 +28,17 @@ import yaml
 
 from memetrain.errors import ConfigError
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "configs" / "published"
-METRICS = ("auroc", "accuracy", "f1_weighted", "f1_macro")
+REFERENCE_DIR = Path(__file__).parents[1] / "configs" / "published"
+METRICS = (
+    "auroc",
+    "accuracy",
+    "f1_weighted",
+    "f1_macro",
+    "task_b_f1_weighted_macro",
+    "task_b_f1_weighted",
+    "task_b_f1_macro",
+    "task_b_auroc",
+)  # our table's column keys (memetrain/sweep/collect.py)
 ROW_KEYS = {"label", "match", "split", *METRICS}
 
 
@@ -41,6 +57,7 @@ class ReferenceTable:
     path: Path
     title: str
     rows: list[Published]
+    metrics: dict[str, str]  # each metric the table publishes, with how its source computes it
 
     def row_for(self, lookup: Callable[[str], Any], split: str | None, group: str) -> Published | None:
         """The row whose ``match`` the group satisfies (``lookup(key)`` gives its value or raises
@@ -73,8 +90,31 @@ def load_reference(name: str) -> ReferenceTable:
     if not isinstance(content, dict) or not isinstance(content.get("rows"), list) or not content["rows"]:
         raise ConfigError(f"{path}: expected a mapping with title, split and a non-empty list of rows")
     default_split = content.get("split")
+    metrics = _declared_metrics(path, content.get("metrics"))
     rows = [_row(path, index, row, default_split) for index, row in enumerate(content["rows"])]
-    return ReferenceTable(path=path, title=str(content.get("title") or path.stem), rows=rows)
+    for row in rows:
+        undeclared = sorted(set(row.values) - set(metrics))
+        if undeclared:
+            raise ConfigError(
+                f"{path}: row {row.label!r} publishes {undeclared}, which the table's metrics do not name; "
+                "add each to metrics with how the source computes it"
+            )
+    return ReferenceTable(path=path, title=str(content.get("title") or path.stem), rows=rows, metrics=metrics)
+
+
+def _declared_metrics(path: Path, metrics: Any) -> dict[str, str]:
+    """The table's ``metrics``: our metric key -> how the source computes it."""
+    if not isinstance(metrics, dict) or not metrics:
+        raise ConfigError(
+            f"{path}: name the published metrics: metrics: {{<one of {', '.join(METRICS)}>: <how the source "
+            "computes it>}}, so that a published value is set beside the same metric of ours"
+        )
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ConfigError(
+            f"{path}: metrics {unknown} are not columns of our tables; use {', '.join(METRICS)}"
+        )
+    return {str(k): str(v) for k, v in metrics.items()}
 
 
 def _row(path: Path, index: int, row: Any, default_split: str | None) -> Published:

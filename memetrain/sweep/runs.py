@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from memetrain.errors import ConfigError
+from memetrain.run_record import CONFIG_FILE, flatten, read_config
 
 SWEEP_FILE = "sweep.json"
 STATUSES = ("pending", "running", "done", "failed")
@@ -65,8 +66,10 @@ def find_jobs(sweep_dir: Path) -> tuple[list[Job], list[str]]:
             f"`{name}/`: a run directory that {SWEEP_FILE} does not list (not counted)" for name in extra
         ]
         return jobs, notes
-    jobs = _jobs_from_run_dirs(sweep_dir)
+    jobs, notes = _jobs_from_run_dirs(sweep_dir)
     if not jobs:
+        if notes:
+            raise ConfigError(f"no readable runs in {sweep_dir}: {notes[0].replace('`', '')}")
         hint = (
             f"{sweep_dir} is itself a run directory: give the directory that holds it, {sweep_dir.parent}"
             if (sweep_dir / "config.yaml").exists()
@@ -75,7 +78,7 @@ def find_jobs(sweep_dir: Path) -> tuple[list[Job], list[str]]:
         raise ConfigError(
             f"no runs in {sweep_dir}: it has no {SWEEP_FILE} and no sub-directory with a config.yaml; {hint}"
         )
-    return jobs, []
+    return jobs, notes
 
 
 def describe(groups: dict[str, list[Job]]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -104,14 +107,7 @@ def describe(groups: dict[str, list[Job]]) -> tuple[dict[str, dict[str, Any]], d
 
 def flat_config(run_dir: Path) -> dict[str, Any]:
     """The run's resolved ``config.yaml`` as dotted keys (``data.image_size``), seed removed."""
-    path = run_dir / "config.yaml"
-    try:
-        config = yaml.load(path.read_text(), Loader=_SAFE_LOADER)
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(
-            f"cannot read {path} ({err}); the collector reads one run's config per group"
-        ) from err
-    flat = _flatten(config if isinstance(config, dict) else {})
+    flat = flatten(read_config(run_dir / CONFIG_FILE))
     flat.pop("seed", None)
     return flat
 
@@ -184,8 +180,9 @@ def _jobs_from_sweep_file(sweep_dir: Path, path: Path) -> list[Job]:
     return jobs
 
 
-def _jobs_from_run_dirs(sweep_dir: Path) -> list[Job]:
-    jobs, settings = [], {}
+def _jobs_from_run_dirs(sweep_dir: Path) -> tuple[list[Job], list[str]]:
+    """The run directories of ``sweep_dir`` and notes on those with results that cannot be grouped."""
+    jobs, settings, notes = [], {}, []
     root = os.fspath(sweep_dir)
     for name in _subdirectories(sweep_dir):
         try:
@@ -193,11 +190,15 @@ def _jobs_from_run_dirs(sweep_dir: Path) -> list[Job]:
                 text = handle.read()
         except FileNotFoundError:
             if (sweep_dir / name / "results.json").exists():
-                raise ConfigError(
-                    f"{sweep_dir / name} has a results.json but no config.yaml: hand-made runs are grouped by "
-                    "their config, so put the run's config.yaml back or move the directory out"
-                ) from None
+                notes.append(
+                    f"`{name}/`: has a results.json but no config.yaml (not counted): hand-made runs are "
+                    "grouped by their config, so put the run's config.yaml back or move the directory out"
+                )
             continue  # not a run directory
+        except (OSError, UnicodeDecodeError) as err:
+            why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            notes.append(f"`{name}/`: its config.yaml cannot be read ({why}; not counted)")
+            continue
         seed = SEED_LINE.search(text)
         group = text if seed is None else text[: seed.start()] + text[seed.end() :]
         directory = sweep_dir / name
@@ -215,7 +216,7 @@ def _jobs_from_run_dirs(sweep_dir: Path) -> list[Job]:
                 overrides=settings[group],
             )
         )
-    return jobs
+    return jobs, notes
 
 
 def _hydra_settings(run_dir: Path) -> dict[str, Any]:
@@ -303,16 +304,6 @@ def _seed(text: str) -> int | None:
         return int(text)
     except ValueError:
         return None
-
-
-def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _ordered_union(key_lists: Iterable[Iterable[str]]) -> list[str]:

@@ -196,8 +196,19 @@ def test_bad_configuration(tmp_path):
     make_folder(tmp_path, "ann.csv", ["image,text,label"])
     with pytest.raises(ValueError, match="main_label 'hate' is not one of label_columns"):
         FolderSource(str(tmp_path), "ann.csv", main_label="hate")
-    with pytest.raises(ValueError, match="label_columns is empty"):
-        FolderSource(str(tmp_path), "ann.csv", label_columns=[])
     write_lines(tmp_path / "empty.csv", [])
     with pytest.raises(ValueError, match="empty.csv is empty; expected a header line"):
         FolderSource(str(tmp_path), "empty.csv")
+
+
+def test_memes_without_label_columns_are_read_unlabeled_and_not_packed(tmp_path):
+    from memetrain.data.pack import PackOptions, pack
+
+    make_folder(tmp_path, "ann.csv", ["image,text", "images/a.png,some words"])
+    source = FolderSource(str(tmp_path), "ann.csv", label_columns=[])
+    assert source.label_names == () and source.main_label is None
+    [entry] = source.entries()
+    assert entry.labels == {} and source.load(entry).text == "some words"
+    with pytest.raises(ValueError, match="source folder reads no label column: a pack needs at least one"):
+        pack(source, tmp_path / "pack", PackOptions(workers=1), {})
+    assert not (tmp_path / "pack").exists()

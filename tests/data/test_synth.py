@@ -190,7 +190,7 @@ def test_hateful_memes_reader_reads_the_layout_back(tmp_path):
     from memetrain.data.sources.hateful_memes import HatefulMemes
 
     root = write_hateful_memes_layout(tmp_path / "hm", count=30, image_size=40, seed=5)
-    synth = SynthMemes(count=30, image_size=40, seed=5, image_format="png")
+    synth = SynthMemes(count=30, image_size=40, seed=5, image_format="png", attributes=False)
     expected = {e.ref: e for e in synth.entries()}
     reader = HatefulMemes(str(root))
     entries = list(reader.entries())

@@ -103,8 +103,16 @@ def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(cases, ranks, one
     assert len(got) == len(expected) == STEPS
     for step, (grads, reference) in enumerate(zip(got, expected)):
         for name in reference:
+            # Summation order differs (CLIP's loss over gathered features sums 16 similarities per
+            # row in another order), so an entry's error scales with the tensor's largest terms, not
+            # with the entry: a near-zero entry may differ by ~1e-6 when its neighbours are ~0.1.
+            scale = reference[name].abs().max().item()
             torch.testing.assert_close(
-                grads[name], reference[name], rtol=1e-3, atol=1e-6, msg=f"step {step} {name}"
+                grads[name],
+                reference[name],
+                rtol=1e-3,
+                atol=max(1e-5 * scale, 1e-7),
+                msg=f"step {step} {name}",
             )
     assert_same_training(weights(cases, ranks), weights(cases, one))
 
@@ -334,7 +342,7 @@ def test_a_killed_rank_ends_the_job_with_a_clear_error_in_bounded_time(synth_sha
         assert "Root Cause (first observed failure)" in survivor and "rank      : 1" in survivor
         assert "Signal 9 (SIGKILL)" in survivor
     else:
-        assert processes[0].returncode == 2
+        assert processes[0].returncode == 3  # PEER_FAILED_EXIT_CODE: not the run's own error
         assert (
             "error: rank 0 of 2: a collective operation failed because another process of this run died"
             in survivor

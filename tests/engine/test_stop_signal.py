@@ -8,11 +8,11 @@ import signal
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from memetrain.errors import TrainingStopped
 from memetrain.methods.supervised import Supervised
-from tests.engine.test_trainer_steps import build, fit, fresh_accelerate_state  # noqa: F401 (autouse)
+from tests.engine.test_trainer_steps import build, fit
+from tests.helpers import reset_accelerate
 
 STEPS = 6
 
@@ -26,11 +26,6 @@ class SignalledAt(Supervised):
         super().before_step(step, total_steps)
         if step == self.at:
             os.kill(os.getpid(), self.signum)
-
-
-def reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM])

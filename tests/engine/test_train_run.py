@@ -36,6 +36,9 @@ def test_run_directory_holds_config_provenance_metrics_and_results(finished_run)
     assert provenance["world_size"] == 1 and provenance["seed"] == 0
     assert provenance["packages"]["torch"].startswith("2.14.1")
     assert provenance["git"]["revision"] is None or len(provenance["git"]["revision"]) == 40
+    assert provenance["weights"] == [], "trained from scratch: no weights file to start from"
+    assert provenance["image_preprocessing"]["model.image_encoder"]["mean"] == [0.485, 0.456, 0.406]
+    assert provenance["per_process_batch"] == 16 and provenance["accumulation_steps"] == 1
     rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "train/loss" in row] == [2, 4, 6, 8, 10, 12]
     assert {
@@ -131,13 +134,14 @@ def test_two_processes_under_torchrun_and_accelerate_launch(synth_shards, tmp_pa
     from tests.helpers import free_port, torchrun
 
     run_dir = tmp_path / launcher
-    overrides = tiny_run_overrides(synth_shards, run_dir, steps=4) + ["data.batch_size=8", "eval.tsne=false"]
+    overrides = tiny_run_overrides(synth_shards, run_dir, steps=4) + ["eval.tsne=false"]
     overrides.append("trainer=ddp")  # which refuses to run as one process
     if launcher == "torchrun":
         command = torchrun(2)
         env = {}
         overrides.append("data.worker_kind=thread")  # DDP with worker threads; accelerate keeps processes
     else:
+        overrides.append("data.batch_size=8")
         config = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"  # the shipped one
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
         command += ["--main_process_port", str(free_port())]
@@ -150,4 +154,11 @@ def test_two_processes_under_torchrun_and_accelerate_launch(synth_shards, tmp_pa
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 4
-    assert json.loads((run_dir / "provenance.json").read_text())["world_size"] == 2
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert provenance["world_size"] == 2 and provenance["per_process_batch"] == 8
+    if launcher == "torchrun":  # batch 16 as for one process: each of the two takes half
+        assert (
+            "data.batch_size=16 x 2 processes exceeds trainer.global_batch_size=16: 8 per process"
+            in result.stderr
+        )
+        assert "batch_size: 16" in (run_dir / "config.yaml").read_text()  # the config as given

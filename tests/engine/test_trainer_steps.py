@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState, PartialState
 
 from memetrain.data.manifest import Manifest
 from memetrain.data.stream import MemeStream, StreamSettings
@@ -21,19 +20,12 @@ from memetrain.engine.optim import build_adamw
 from memetrain.engine.trainer import Trainer, TrainerSettings, TrainingError
 from memetrain.methods import DataInfo
 from memetrain.methods.supervised import Supervised
+from tests.helpers import reset_accelerate
 
 TEXT_ONLY = {
     "text": {"kind": "lstm", "vocab_size": None, "embed_dim": 16, "hidden_size": 16},
     "head": {"kind": "linear"},
 }
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def settings(**overrides) -> TrainerSettings:
@@ -53,6 +45,7 @@ def build(
     accumulation: int,
     method_cls=Supervised,
     precision="no",
+    optimizer=None,
     **trainer,
 ):
     torch.manual_seed(0)
@@ -63,7 +56,10 @@ def build(
     stream_settings = StreamSettings(batch_size=batch_size, num_workers=0, shuffle=False, drop_last=True)
     stream = MemeStream(shards, "train", stream_settings, Resize(8), encoder)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation, mixed_precision=precision)
-    optimizer = build_adamw(method.param_groups(0.0), 1e-2, (0.9, 0.999), 1e-8, accelerator.device)
+    groups = method.param_groups(0.0)
+    optimizer = (
+        optimizer(groups) if optimizer else build_adamw(groups, 1e-2, (0.9, 0.999), 1e-8, accelerator.device)
+    )
     model, optimizer = accelerator.prepare(method, optimizer)
     checkpointer = Checkpointer(tmp_path / "checkpoints", 1, accelerator)
     return Trainer(
@@ -84,8 +80,7 @@ def fit(trainer: Trainer, tmp_path: Path):
 def test_accumulated_micro_batches_equal_one_big_batch(synth_shards, tmp_path):
     big = build(synth_shards, tmp_path / "big", batch_size=16, accumulation=1)
     fit(big, tmp_path / "big")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     small = build(synth_shards, tmp_path / "small", batch_size=8, accumulation=2)
     fit(small, tmp_path / "small")
     for (name, a), (_, b) in zip(big.method.named_parameters(), small.method.named_parameters()):
@@ -108,20 +103,22 @@ class NonFiniteAt(Supervised):
 def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights_alone(synth_shards, tmp_path):
     NonFiniteAt.bad_calls = {1, 2}
     trainer = build(synth_shards, tmp_path, batch_size=16, accumulation=1, method_cls=NonFiniteAt)
-    before = {}
-
+    weights = {}  # after each step
     original = trainer.train_step
 
     def spy(batches, window):
-        if trainer.state.step == 1:
-            before.update({k: v.clone() for k, v in trainer.method.state_dict().items()})
         original(batches, window)
-        if trainer.state.step == 3:
-            after = trainer.method.state_dict()
-            assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed the weights"
+        weights[trainer.state.step] = {k: v.clone() for k, v in trainer.method.state_dict().items()}
 
     trainer.train_step = spy
     state = fit(trainer, tmp_path)
+    assert sorted(weights) == [1, 2, 3, 4], "the spy did not see every step"
+    assert all(torch.equal(weights[1][k], weights[3][k]) for k in weights[1]), (
+        "a skipped step changed the weights"
+    )
+    assert any(not torch.equal(weights[3][k], weights[4][k]) for k in weights[3]), (
+        "the step after them did not train"
+    )
     assert state.step == 4 and state.skipped_steps == 2 and state.consecutive_nonfinite == 0
     assert all(torch.isfinite(p).all() for p in trainer.method.parameters())
 

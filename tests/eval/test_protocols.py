@@ -78,3 +78,23 @@ def test_task_b_alone_has_no_task_a_metrics_and_an_unlabeled_split_gets_a_note()
     assert result["splits"] == {} and "threshold" not in result
     assert result["multilabel"]["test"]["per_label"]["shaming"]["threshold"] == 0.5
     assert result["multilabel"]["hidden"]["note"].startswith("split has unlabeled memes")
+
+
+def test_a_fixed_threshold_replaces_the_dev_choice_for_every_label():
+    outs = {
+        "dev": Outputs(
+            ["a", "b", "c", "d"], np.array([[0, 0], [0, 1], [1, 0], [1, 1]]), np.zeros((4, 1)), None
+        ),
+        "test": Outputs(["e", "f"], np.array([[1, 1], [0, 0]]), np.zeros((2, 1)), None),
+    }
+    scores = {
+        "dev": np.array([[0.6, 0.7], [0.65, 0.8], [0.9, 0.2], [0.8, 0.9]]),
+        "test": np.array([[0.7, 0.55], [0.3, 0.6]]),
+    }
+    chosen = score_targets(scores, outs, ["m", "o"], ["m", "o"], "m", "dev", 1.0)
+    assert chosen["threshold_source"] == "dev" and chosen["threshold"] == pytest.approx(0.725)
+    assert chosen["splits"]["test"]["confusion_matrix"] == [[1, 0], [1, 0]]  # 0.7 is below 0.725
+    fixed = score_targets(scores, outs, ["m", "o"], ["m", "o"], "m", "dev", 1.0, fixed=0.5)
+    assert (fixed["threshold"], fixed["threshold_source"]) == (0.5, "fixed")
+    assert fixed["splits"]["test"]["confusion_matrix"] == [[1, 0], [0, 1]]
+    assert fixed["multilabel"]["test"]["per_label"]["o"]["threshold"] == 0.5

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, run_launcher, tiny_run_overrides
+from tests.helpers import REPO, run_launcher, skip_or_fail, tiny_run_overrides
 
 FAULTY_TRAIN = REPO / "tests" / "faults" / "train_with_faulty_methods.py"
 STEPS = 12
@@ -80,7 +80,8 @@ def reference_run(synth_shards, tmp_path_factory) -> Path:
 @pytest.fixture
 def small_filesystem(tmp_path):
     """``make(size)``: a directory on a fresh tmpfs of ``size`` (e.g. "16m"), so that writes fail
-    with ENOSPC as on a full disk. Needs root (CI runs as root); unmounted afterwards."""
+    with ENOSPC as on a full disk. Needs root: skipped without it, failed under MEMETRAIN_NO_SKIPS=1
+    (CI runs as root); unmounted afterwards."""
     mounts = []
 
     def make(size: str, read_only: bool = False) -> Path:
@@ -91,7 +92,7 @@ def small_filesystem(tmp_path):
             ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True, text=True
         )
         if mounted.returncode != 0:
-            pytest.skip(f"a size-limited tmpfs needs mount rights (root): {mounted.stderr.strip()}")
+            skip_or_fail(f"a size-limited tmpfs needs mount rights (root): {mounted.stderr.strip()}")
         mounts.append(target)
         return target
 

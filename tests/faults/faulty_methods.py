@@ -12,6 +12,8 @@ Steps are 0-based optimizer steps, as the trainer passes them to ``Method.before
 from __future__ import annotations
 
 import math
+import os
+import signal
 from typing import Any
 
 import torch
@@ -34,8 +36,9 @@ class _InfiniteGradient(torch.autograd.Function):
 
 @register
 class FaultySupervised(Supervised):
-    """Supervised, whose loss is NaN at ``nan_loss_steps`` and whose gradient is infinite (the loss
-    itself finite) at ``inf_grad_steps``."""
+    """Supervised, whose loss is NaN at ``nan_loss_steps``, whose gradient is infinite (the loss
+    itself finite) at ``inf_grad_steps``, and which sends its own process SIGTERM as each of
+    ``sigterm_steps`` begins."""
 
     name = "faulty_supervised"
 
@@ -49,14 +52,18 @@ class FaultySupervised(Supervised):
         init: dict[str, dict[str, str] | None] | None = None,
         nan_loss_steps: list[int] = (),
         inf_grad_steps: list[int] = (),
+        sigterm_steps: list[int] = (),
     ):
         super().__init__(model, data, targets, loss, focal_gamma, init)
         self.nan_loss_steps, self.inf_grad_steps = set(nan_loss_steps), set(inf_grad_steps)
+        self.sigterm_steps = set(sigterm_steps)
         self.step = 0
 
     def before_step(self, step: int, total_steps: int) -> None:
         super().before_step(step, total_steps)
         self.step = step
+        if step in self.sigterm_steps:  # as Slurm's preemption or kill would, mid-step: no race to lose
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def training_step(self, batch):
         losses, report = super().training_step(batch)
@@ -65,3 +72,32 @@ class FaultySupervised(Supervised):
         if self.training and self.step in self.inf_grad_steps:
             losses = {name: _InfiniteGradient.apply(value) for name, value in losses.items()}
         return losses, report
+
+
+@register
+class IdRecordingSupervised(Supervised):
+    """Supervised that appends the id of every meme it trains on (not validates) to ``ids_file``."""
+
+    name = "id_recording_supervised"
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        data: DataInfo,
+        ids_file: str,
+        targets: list[str] | None = None,
+        loss: str = "bce",
+        focal_gamma: float = 2.0,
+        init: dict[str, dict[str, str] | None] | None = None,
+    ):
+        super().__init__(model, data, targets, loss, focal_gamma, init)
+        self.ids_file = ids_file
+
+    def training_step(self, batch):
+        if not self.training:  # validation's losses
+            return super().training_step(batch)
+        with open(self.ids_file, "a") as handle:
+            handle.writelines(
+                f"{meme}\n" for meme, valid in zip(batch["id"], batch["valid"].tolist()) if valid
+            )
+        return super().training_step(batch)

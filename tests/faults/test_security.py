@@ -1,7 +1,8 @@
 """Nothing a shard, a checkpoint, a weights file or a config value carries is ever run.
 
 - Checkpoints and weights load with ``weights_only=True`` or safetensors: a file that would create a
-  marker when unpickled is refused with one clear error, and the marker never appears.
+  marker when unpickled is refused with one clear error, and the marker never appears (DeepSpeed's
+  checkpoint files too: test_deepspeed_checkpoints.py).
 - Shard decoding never unpickles and never writes members to disk (test_bad_data.py: a ``.pickle``
   payload, ``../`` and absolute member names), and reads shards only from a local directory: no
   ``pipe:``, no URLs, and no option enables them (test_bad_data.py; the README says so).
@@ -17,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState, PartialState
 from torch import nn
 
 from memetrain.engine.checkpoint import Checkpointer, CheckpointError
@@ -37,22 +37,68 @@ FORBIDDEN = {
     "pickle.load": "unpickles (runs whatever the pickle says)",
     "pickle.loads": "unpickles",
     "pickle.Unpickler": "unpickles",
+    "marshal.load": "builds code objects",
+    "marshal.loads": "builds code objects",
     "yaml.load": "can build arbitrary objects (use OmegaConf or yaml.safe_load)",
     "yaml.unsafe_load": "builds arbitrary objects",
     "os.system": "runs a shell command",
+    "os.popen": "runs a shell command",
+    "subprocess.getoutput": "runs a shell command",
+    "subprocess.getstatusoutput": "runs a shell command",
     "*.extractall": "writes tar members to disk, where a member name can climb out",
 }
+TORCH_LOADS = ("torch.load", "torch.serialization.load")
 
 
-def called_name(call: ast.Call) -> str:
-    """``eval``, ``pickle.loads``; ``*.extractall`` for a method of any other object."""
+def dotted(node: ast.expr) -> str | None:
+    """``a.b.c`` for a chain of names and attributes; None for anything else (a call, a subscript)."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        owner = dotted(node.value)
+        return None if owner is None else f"{owner}.{node.attr}"
+    return None
+
+
+def bound_names(tree: ast.Module) -> dict[str, str]:
+    """What the names an import (or a plain alias) binds stand for, as module.attribute:
+    ``import pickle as pk`` binds ``pk`` to ``pickle``, ``import os.path`` binds ``os``, ``from
+    pickle import loads as unpickle`` binds ``unpickle`` to ``pickle.loads``, and ``unpickle =
+    pickle.loads`` does too. Wherever in the file they are bound (function-local imports too)."""
+    names: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                top = alias.name.split(".")[0]
+                names[alias.asname or top] = alias.name if alias.asname else top
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    for node in ast.walk(tree):  # after the imports: an alias of an imported name resolves through them
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            value = dotted(node.value)
+            if value is not None and "." in value:
+                names[node.targets[0].id] = resolve(value, names)
+    return names
+
+
+def resolve(name: str, names: dict[str, str]) -> str:
+    """``name`` with its first part replaced by what it was bound to (``pk.loads`` -> ``pickle.loads``)."""
+    head, dot, rest = name.partition(".")
+    return names.get(head, head) + dot + rest
+
+
+def called_name(call: ast.Call, names: dict[str, str]) -> str:
+    """The called function as module.attribute through the file's imports (``eval``,
+    ``pickle.loads``); ``*.extractall`` for a forbidden method of any other object."""
     func = call.func
-    if isinstance(func, ast.Name):
-        return func.id
-    if isinstance(func, ast.Attribute):
-        owner = func.value.id if isinstance(func.value, ast.Name) else "*"
-        return f"{owner}.{func.attr}" if f"{owner}.{func.attr}" in FORBIDDEN else f"*.{func.attr}"
-    return ""
+    name = dotted(func)
+    resolved = resolve(name, names) if name is not None else ""
+    if resolved in FORBIDDEN or resolved in TORCH_LOADS:
+        return resolved
+    if isinstance(func, ast.Attribute) and f"*.{func.attr}" in FORBIDDEN:
+        return f"*.{func.attr}"
+    return resolved
 
 
 def keyword(call: ast.Call, name: str):
@@ -72,15 +118,17 @@ def is_constant(node: ast.expr, value: bool) -> bool:
 def source_problems(path: Path) -> list[str]:
     """What in one source file could run code that came from data: line and reason each."""
     problems = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    names = bound_names(tree)
+    for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
-        where, name = f"{path.name}:{node.lineno}", called_name(node)
+        where, name = f"{path.name}:{node.lineno}", called_name(node, names)
         if name in FORBIDDEN and not safe_yaml(node, name):
             problems.append(f"{where}: {name}() {FORBIDDEN[name]}")
         weights_only = keyword(node, "weights_only")
-        if ast.unparse(node.func) == "torch.load" and weights_only is None:
-            problems.append(f"{where}: torch.load without weights_only=True")
+        if name in TORCH_LOADS and weights_only is None:
+            problems.append(f"{where}: {name} without weights_only=True")
         if weights_only is not None and not is_constant(weights_only, True):
             problems.append(f"{where}: weights_only={ast.unparse(weights_only)}")
         for flag in ("trust_remote_code", "shell"):
@@ -99,14 +147,48 @@ def test_the_code_never_evaluates_unpickles_extracts_or_shells_out():
 
 def test_the_check_finds_what_it_looks_for(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text(
-        "import pickle, re, torch, tarfile\n"
-        "eval('1')\npickle.loads(b'')\ntorch.load('x')\ntorch.load('x', weights_only=False)\n"
-        "tarfile.open('x').extractall('.')\nf(trust_remote_code=True)\nre.compile('fine')\n"
-        "yaml.load(s, Loader=yaml.SafeLoader)\nyaml.load(s, Loader=yaml.Loader)\n"
-    )
-    found = source_problems(bad)
-    assert [line.split(":")[1] for line in found] == ["2", "3", "4", "5", "6", "7", "10"], found
+    planted = [  # (the line, what the check must report for it, or None where it must find nothing)
+        ("import pickle, re, torch, tarfile, yaml", None),
+        ("import subprocess as sp, marshal", None),
+        ("from pickle import loads", None),
+        ("from pickle import loads as unpickle", None),
+        ("from torch import load", None),
+        ("from os import popen", None),
+        ("from re import compile as regex", None),
+        ("import os", None),
+        ("eval('1')", "eval() evaluates"),
+        ("pickle.loads(b'')", "pickle.loads() unpickles"),
+        ("torch.load('x')", "torch.load without weights_only=True"),
+        ("torch.load('x', weights_only=False)", "weights_only=False"),
+        ("tarfile.open('x').extractall('.')", "*.extractall() writes tar members"),
+        ("f(trust_remote_code=True)", "trust_remote_code=True"),
+        ("re.compile('fine')", None),
+        ("yaml.load(s, Loader=yaml.SafeLoader)", None),
+        ("yaml.load(s, Loader=yaml.Loader)", "yaml.load() can build"),
+        ("loads(b'')", "pickle.loads() unpickles"),
+        ("unpickle(b'')", "pickle.loads() unpickles"),
+        ("load('x')", "torch.load without weights_only=True"),
+        ("load('x', weights_only=True)", None),
+        ("os.popen('ls')", "os.popen() runs a shell command"),
+        ("popen('ls')", "os.popen() runs a shell command"),
+        ("sp.getoutput('ls')", "subprocess.getoutput() runs a shell command"),
+        ("sp.getstatusoutput('ls')", "subprocess.getstatusoutput() runs a shell command"),
+        ("regex('fine')", None),
+        ("read = marshal.loads", None),
+        ("read(b'')", "marshal.loads() builds code objects"),
+        ("def f():\n    from os import system as run\n    run('ls')", "os.system() runs a shell command"),
+    ]
+    bad.write_text("\n".join(line for line, _ in planted) + "\n")
+    expected, line = [], 1
+    for text, problem in planted:
+        line += text.count("\n")  # the call is on the last line of a block
+        if problem is not None:
+            expected.append((line, problem))
+        line += 1
+    found = sorted(source_problems(bad), key=lambda problem: int(problem.split(":")[1]))
+    assert len(found) == len(expected), "\n".join(found)
+    for problem, (line, fragment) in zip(found, expected):
+        assert problem.startswith(f"bad.py:{line}: ") and fragment in problem, (problem, line, fragment)
 
 
 # -- checkpoints: whatever a file holds, only tensors are read ---------------------------------
@@ -119,10 +201,7 @@ def checkpoint(tmp_path):
     model = nn.Linear(3, 2)
     accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
     checkpointer = Checkpointer(tmp_path / "checkpoints", keep=2, accelerator=accelerator)
-    yield checkpointer, checkpointer.save(1, {"step": 1}, "seed: 0\n")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    return checkpointer, checkpointer.save(1, {"step": 1}, "seed: 0\n")  # conftest resets Accelerate after
 
 
 CHECKPOINT_FILES = [

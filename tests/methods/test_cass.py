@@ -32,6 +32,20 @@ def naive_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return total / len(a)
 
 
+def naive_variance_hinge(z: torch.Tensor, target: float = 0.5) -> float:
+    """VICReg's variance hinge on unit rows, one dimension at a time in plain Python: the unbiased
+    std over the batch (1e-4 inside the root) scaled by sqrt(D), hinged at ``target``, averaged."""
+    rows = [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in z.tolist()]
+    n, dims = len(rows), len(rows[0])
+    total = 0.0
+    for d in range(dims):
+        column = [row[d] for row in rows]
+        mean = sum(column) / n
+        var = sum((v - mean) ** 2 for v in column) / (n - 1)
+        total += max(0.0, target - math.sqrt(var + 1e-4) * math.sqrt(dims))
+    return total / dims
+
+
 def memes(size: int = 4) -> dict:
     generator = torch.Generator().manual_seed(0)
     return {
@@ -113,19 +127,34 @@ def test_variance_hinge_on_hand_computed_cases():
     assert variance_hinge(half, target=1.0).item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_variance_hinge_matches_a_naive_loop():
+    generator = torch.Generator().manual_seed(4)
+    z = torch.randn(1, 5, generator=generator) + 0.3 * torch.randn(7, 5, generator=generator)
+    expected = naive_variance_hinge(z)
+    assert expected > 0 and variance_hinge(z).item() == pytest.approx(expected, abs=1e-6)
+    valid = torch.tensor([True, False, True, True, False, True, True])
+    assert variance_hinge(z, valid=valid).item() == pytest.approx(naive_variance_hinge(z[valid]), abs=1e-6)
+    spread = torch.randn(64, 5, generator=generator)
+    assert variance_hinge(spread, target=1.5).item() == pytest.approx(
+        naive_variance_hinge(spread, target=1.5), abs=1e-6
+    )
+
+
 def test_the_variance_term_is_weighted_and_off_at_zero():
     method, batch = cass(variance_weight=0.5), memes()
     losses, _ = method.training_step(batch)
     z = {b: method.heads[b](method.encoders[b](batch["image"])).detach() for b in ("cnn", "vit")}
-    expected = 0.5 * (variance_hinge(z["cnn"]) + variance_hinge(z["vit"])).item() / 2
+    expected = 0.5 * (naive_variance_hinge(z["cnn"]) + naive_variance_hinge(z["vit"])) / 2
+    assert expected > 0, "a case where the hinge is active"
     assert losses["variance_loss"].item() == pytest.approx(expected, abs=1e-6)
     assert cass(variance_weight=0.0).training_step(batch)[0].keys() == {"agreement_loss"}
     mm = CassMMLoss(variance_weight=2.0)
-    images, text = [torch.randn(6, 8)], torch.randn(6, 8)
+    generator = torch.Generator().manual_seed(3)
+    close = torch.randn(3, 1, 8, generator=generator) + 0.2 * torch.randn(3, 6, 8, generator=generator)
+    images, text = [close[0]], close[1]  # rows near one point each: the hinge is active
     terms = mm(images, text)
-    assert terms["variance_loss"].item() == pytest.approx(
-        2.0 * (variance_hinge(images[0]) + variance_hinge(text)).item() / 2, abs=1e-6
-    )
+    expected = 2.0 * (naive_variance_hinge(images[0]) + naive_variance_hinge(text)) / 2
+    assert expected > 0 and terms["variance_loss"].item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_cass_trains_both_networks_on_one_view():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from safetensors.torch import save_file
 from memetrain.errors import ConfigError
 from memetrain.losses.contrastive import ClipLoss, gather_with_grad
 from memetrain.methods import DataInfo, build_method
-from tests.helpers import free_port, run_launcher, tiny_run_overrides
+from tests.helpers import run_launcher, tiny_run_overrides, torchrun
 
 DATA = DataInfo(label_names=["hateful"], main_label="hateful", vocab_size=50)
 SMALL = {
@@ -238,11 +237,9 @@ def test_open_clip_weights_of_another_architecture_are_refused(tiny_open_clip, t
 @pytest.mark.slow
 def test_two_processes_give_the_gradients_of_one_process_on_the_whole_batch(tmp_path):
     script = Path(__file__).with_name("clip_gather_script.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     result = subprocess.run(
-        [*command, "--master_port", str(free_port()), str(script), str(tmp_path)],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [*torchrun(2), str(script), str(tmp_path)], capture_output=True, text=True, timeout=180
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt")

@@ -155,6 +155,50 @@ def test_the_teacher_is_an_ema_of_the_student():
     assert all(torch.equal(p, s) for p, s in zip(method.student.parameters(), student))
 
 
+def fill(module: torch.nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for param in module.parameters():
+            param.fill_(value)
+
+
+def test_an_ema_step_at_momentum_0_996_moves_a_float32_teacher_as_computed_by_hand():
+    method = dino(teacher_momentum=0.996, teacher_momentum_end=0.996)
+    fill(method.teacher, 1.0)
+    fill(method.student, 2.0)
+    method.after_step(step=0, total_steps=100)  # 0.996 * 1 + 0.004 * 2
+    for param in method.teacher.parameters():
+        assert param.dtype == torch.float32
+        assert (param - 1.004).abs().max().item() <= 2.5e-7
+    method.after_step(step=1, total_steps=100)  # 2 - (2 - 1) * 0.996 ** 2 = 1.007984
+    assert all((p - 1.007984).abs().max().item() <= 5e-7 for p in method.teacher.parameters())
+
+
+def test_a_half_precision_teacher_follows_the_student_through_float32_master_copies():
+    # DeepSpeed's fp16 mode halves the whole model. An fp16 teacher updated in place cannot take
+    # increments of 0.004 * 0.1 near 1 (its step there is 0.001): it drifts to 1.0977 in 100 steps
+    # (a bf16 one stays at 1); the float32 master copies follow 1.1 - 0.1 * 0.996 ** k.
+    method = dino(teacher_momentum=0.996, teacher_momentum_end=0.996).half()
+    fill(method.teacher, 1.0)
+    fill(method.student, 1.1)
+    student = torch.tensor(1.1, dtype=torch.float16).item()  # 1.099609375, as the student holds it
+    for step in range(100):
+        method.after_step(step, total_steps=1000)
+    expected = student - (student - 1.0) * 0.996**100  # 1.03302
+    for param in method.teacher.parameters():
+        assert param.dtype == torch.float16
+        assert (param.float() - expected).abs().max().item() <= 1e-3  # within fp16's rounding
+
+    # a loaded checkpoint's teacher is where the average goes on from, not the old master copies
+    state = method.state_dict()
+    state.update(
+        {name: torch.full_like(value, 1.5) for name, value in state.items() if name.startswith("teacher.")}
+    )
+    method.load_state_dict(state)
+    method.after_step(100, total_steps=1000)
+    expected = 0.996 * 1.5 + 0.004 * student
+    assert all((p.float() - expected).abs().max().item() <= 1e-3 for p in method.teacher.parameters())
+
+
 def test_momentum_and_teacher_temperature_schedules():
     method = dino()
     assert [method.momentum_at(step, 100) for step in (0, 50, 100, 150)] == pytest.approx(

@@ -127,6 +127,25 @@ def test_both_stages_run_in_one_job_and_resume(synth_shards, tmp_path):
         "train/reconstruction_loss" in row and "train/embedding_std_latent" in row for row in stage_one
     )
 
+    trained = training_record(run_dir)
     again = run_launcher("train.py", *command)  # both stages are complete: resumes, trains nothing
     assert again.returncode == 0, again.stderr[-3000:]
+    for stage, last in (("autoencoders", 4), ("classifier", 6)):
+        checkpoint = run_dir / "stages" / stage / "checkpoints" / f"step_{last:07d}"
+        assert f"resumed from {checkpoint} (step {last})" in again.stderr, again.stderr[-3000:]
+    assert training_record(run_dir) == trained, "the re-run trained: a checkpoint or a metrics row changed"
     assert json.loads((run_dir / "results.json").read_text())["protocols"] == results["protocols"]
+
+
+def training_record(run_dir) -> dict[str, object]:
+    """What training leaves in each stage: every checkpoint file's modification time and size, and
+    the metrics rows (an evaluation rewrites neither)."""
+    record = {}
+    for stage in ("autoencoders", "classifier"):
+        directory = run_dir / "stages" / stage
+        for path in sorted((directory / "checkpoints").rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                record[str(path.relative_to(run_dir))] = (stat.st_mtime_ns, stat.st_size)
+        record[f"{stage}/metrics.jsonl"] = (directory / "metrics.jsonl").read_text()
+    return record

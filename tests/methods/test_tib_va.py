@@ -38,7 +38,7 @@ def test_multi_task_loss_is_the_sum_of_each_targets_mean_bce(clip_weights):
     method = tib_va(clip_weights[0], targets=["misogynous", "shaming"])
     logits = torch.tensor([[0.0, math.log(3)], [math.log(3), 0.0]])
     labels = torch.tensor([[1, 0, 0, 0, 0], [-1, 1, 0, 0, 0]])
-    losses, report = method.objective(logits, labels)
+    losses, report = method.objective(logits, {"labels": labels})
     assert losses["cls_loss"].item() == pytest.approx(2.5 * math.log(2))
     assert masked_bce(logits, labels[:, :2]).item() == pytest.approx(4 / 3 * math.log(2))
     assert report["accuracy"].item() == 0.0  # logit 0 predicts 0, the label is 1

@@ -93,8 +93,8 @@ def test_unknown_and_missing_options_are_config_errors(tmp_path):
         build_fusion("concat", 4, 4, 1, hidden=8)
     with pytest.raises(ConfigError, match=r"missing option\(s\) \['vocab_size'\]"):
         build_text_encoder("lstm")
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['num_layers'\].*pooling"):
-        build_text_encoder("transformer", pretrained=str(tmp_path), num_layers=2)
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['layers'\].*pooling"):
+        build_text_encoder("transformer", pretrained=str(tmp_path), num_layers=2, layers=2)
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['img_size'\]"):
         build_image_encoder(name="resnet18", img_size=32)
 

@@ -30,13 +30,15 @@ def unit(x: list[float]) -> list[float]:
     return [v / norm for v in x]
 
 
-def hidden_then_output(head: nn.Module, fused: list[float]) -> list[float]:
-    """The pre-output MLP (Linear, ReLU, Dropout as identity in eval) and the output layer."""
-    for layer in head.hidden:
-        if isinstance(layer, nn.Linear):
-            fused = linear(layer, fused)
-        elif isinstance(layer, nn.ReLU):
-            fused = [max(v, 0.0) for v in fused]
+def hidden_then_output(head: nn.Module, fused: list[float], widths: list[int]) -> list[float]:
+    """The pre-output MLP as the head is meant to be, whatever its modules say: a Linear then a ReLU
+    for each width after the first (dropout is the identity in eval), then the output layer. Only
+    the weights come from the head, and its linear layers must have exactly these shapes."""
+    layers = [module for module in head.hidden if isinstance(module, nn.Linear)]
+    assert [tuple(layer.weight.shape) for layer in layers] == list(zip(widths[1:], widths[:-1]))
+    assert tuple(head.output.weight.shape) == (OUT, widths[-1])
+    for layer in layers:
+        fused = [max(v, 0.0) for v in linear(layer, fused)]
     return linear(head.output, fused)
 
 
@@ -60,7 +62,7 @@ def test_concat_fusion_is_an_mlp_over_both(features):
     logits = head(image, text)
     assert logits.shape == (B, OUT) and head.embed(image, text).shape == (B, 4) and head.embed_dim == 4
     for b in range(B):
-        expected = hidden_then_output(head, image[b].tolist() + text[b].tolist())
+        expected = hidden_then_output(head, image[b].tolist() + text[b].tolist(), [DI + DT, 4, 4])
         assert logits[b].tolist() == pytest.approx(expected, abs=1e-5)
 
 
@@ -74,7 +76,7 @@ def test_align_fusion_is_the_product_of_unit_projections(features):
         p_i = unit(linear(head.image_proj[0], image[b].tolist()))
         p_t = unit(linear(head.text_proj[0], text[b].tolist()))
         fused = [i * t for i, t in zip(p_i, p_t)]
-        assert logits[b].tolist() == pytest.approx(hidden_then_output(head, fused), abs=1e-5)
+        assert logits[b].tolist() == pytest.approx(hidden_then_output(head, fused, [4, 4]), abs=1e-5)
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2])
@@ -89,7 +91,8 @@ def test_cross_fusion_is_the_flattened_interaction_matrix(features, depth):
         p_i = unit(linear(head.image_proj[0], image[b].tolist()))
         p_t = unit(linear(head.text_proj[0], text[b].tolist()))
         matrix = [p_i[r] * p_t[c] for r in range(dim) for c in range(dim)]  # row-major, image index first
-        assert logits[b].tolist() == pytest.approx(hidden_then_output(head, matrix), abs=1e-5)
+        expected = hidden_then_output(head, matrix, [dim * dim] + [dim] * depth)
+        assert logits[b].tolist() == pytest.approx(expected, abs=1e-5)
     interaction = head.interact(*head.project(image, text)).view(B, dim, dim)
     p_i, p_t = head.project(image, text)
     assert torch.allclose(interaction, p_i.unsqueeze(2) * p_t.unsqueeze(1))
@@ -113,4 +116,5 @@ def test_unimodal_heads(features):
     head = MLPHead(DI, OUT, hidden_dim=7, depth=2).eval()
     assert head(image).shape == (B, OUT) and head.embed(image).shape == (B, 7)
     for b in range(B):
-        assert head(image)[b].tolist() == pytest.approx(hidden_then_output(head, image[b].tolist()), abs=1e-5)
+        expected = hidden_then_output(head, image[b].tolist(), [DI, 7, 7])
+        assert head(image)[b].tolist() == pytest.approx(expected, abs=1e-5)

@@ -198,6 +198,101 @@ def test_failed_and_missing_jobs_are_listed_and_never_averaged(tmp_path):
     assert "- `lstm-seed3` (seed 3): done but" in markdown
 
 
+def cut(text: str) -> str:
+    return text[: len(text) // 2]
+
+
+def set_key(path: list, value):
+    """A results.json edit: the key at ``path`` set to ``value`` (deleted for ``DELETE``)."""
+
+    def edit(text: str) -> str:
+        results = json.loads(text)
+        *parents, last = path
+        node = results
+        for key in parents:
+            node = node[key]
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
+        return json.dumps(results)
+
+    return edit
+
+
+DELETE = object()
+TEST_AUROC = ["protocols", "classifier", "splits", "test", "auroc"]
+UNREADABLE = [  # (how results.json is damaged, why the collector says it is not counted)
+    (cut, "is not JSON, or is cut off ("),
+    (lambda text: "", "is empty (0 bytes)"),
+    (lambda text: "\n  \n", "is empty (4 bytes)"),
+    (lambda text: "<html>502 Bad Gateway</html>", "is not JSON, or is cut off (Expecting value: line 1 column 1"),
+    (lambda text: "[1, 2]", "holds a JSON list, not the object of a memetrain run's results"),
+    (set_key(["protocols"], DELETE), "has no 'protocols' object: it is not a results.json written by memetrain"),
+    (set_key(TEST_AUROC, "0.71"), 'has protocols.classifier.splits.test.auroc="0.71", not a number'),
+    (set_key(["protocols", "classifier", "splits", "test"], [0.7]), "has protocols.classifier.splits.test=[0.7], not an object"),
+    (set_key(["seed"], "zero"), 'has seed="zero", not an integer or null'),
+    (set_key(["data"], None), "has data=null, not an object"),
+]  # fmt: skip
+
+
+def test_results_it_cannot_read_are_listed_with_why_and_the_rest_is_tabled(tmp_path):
+    """A truncated, empty, non-JSON or malformed results.json (real files, as a full disk, a copy cut
+    short or another tool could leave them) never stops the collector and is never averaged."""
+    sweep = tmp_path / "sweep"
+    group = {"model": "lstm"}
+    jobs = [grid_job(sweep, group, seed) for seed in range(len(UNREADABLE) + 2)]
+    for job, (damage, _) in zip(jobs[2:], UNREADABLE):
+        results = sweep / job["name"] / "results.json"
+        results.write_text(damage(results.read_text()))
+    unreadable_dir = sweep / jobs[1]["name"] / "results.json"  # a directory where the file should be
+    unreadable_dir.unlink()
+    unreadable_dir.mkdir()
+    write_sweep(sweep, jobs)
+    markdown = collect_sweep(sweep)
+
+    n, auroc, _ = markdown_rows(markdown)["method=supervised model=lstm"]
+    assert n == f"1 of {len(jobs)}"
+    assert auroc == f"{metric(sweep / jobs[0]['name'], 'auroc'):.4f}"
+    assert f"Not counted ({len(jobs) - 1}; listed, never averaged):" in markdown
+    listed = [line for line in markdown.splitlines() if line.startswith("- `lstm-seed")]
+    assert len(listed) == len(jobs) - 1
+    assert listed[0].startswith(
+        f"- `lstm-seed1` (seed 1): {sweep}/lstm-seed1/results.json cannot be read (Is a directory)"
+    )
+    for line, job, (_, why) in zip(listed[1:], jobs[2:], UNREADABLE):
+        assert line.startswith(
+            f"- `{job['name']}` (seed {job['seed']}): {sweep / job['name']}/results.json {why}"
+        ), line
+        assert line.endswith("; delete it and re-run the job"), line
+    assert (sweep / "table.csv").is_file() and (sweep / "table.png").is_file()
+
+
+def test_a_task_b_score_without_its_keys_is_listed(tmp_path):
+    sweep = tmp_path / "sweep"
+    jobs = [grid_job(sweep, {"model": "lstm"}, seed, source="mami", targets=MAMI_LABELS) for seed in (0, 1)]
+    results = sweep / jobs[1]["name"] / "results.json"
+    task_b = ["protocols", "classifier", "multilabel", "test"]
+    results.write_text(set_key([*task_b, "f1_weighted_macro"], DELETE)(results.read_text()))
+    write_sweep(sweep, jobs)
+    markdown = collect_sweep(sweep)
+    assert markdown_rows(markdown)["method=supervised model=lstm"][0] == "1 of 2"
+    assert f"{results} lacks protocols.classifier.multilabel.test.f1_weighted_macro; delete it" in markdown
+
+
+def test_a_hand_made_run_with_results_but_no_readable_config_is_listed(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(runs / f"lstm-seed{seed}", ["model=lstm"], seed)
+    (runs / "lstm-seed1" / "config.yaml").unlink()
+    write_run(runs / "lstm-seed2", ["model=lstm"], 2)
+    (runs / "lstm-seed2" / "config.yaml").write_bytes(b"seed: \xff\xfe\n")  # not UTF-8
+    markdown = collect_sweep(runs)
+    assert markdown_rows(markdown)["method=supervised model=lstm"][0] == "1"
+    assert "- `lstm-seed1/`: has a results.json but no config.yaml (not counted)" in markdown
+    assert "- `lstm-seed2/`: its config.yaml cannot be read ('utf-8' codec can't decode" in markdown
+
+
 def test_mami_rows_add_the_weighted_f1_column(tmp_path):
     sweep = tmp_path / "sweep"
     jobs = [grid_job(sweep, {"model": "lstm"}, seed, source="mami") for seed in (0, 1)]
@@ -249,7 +344,7 @@ def test_published_rows_are_printed_beside_ours_with_deltas(tmp_path):
     write_sweep(sweep, jobs)
     reference = tmp_path / "published.yaml"
     reference.write_text(
-        "title: A study\nsplit: test\nrows:\n"
+        "title: A study\nsplit: test\nmetrics: {auroc: their AUROC, accuracy: their accuracy}\nrows:\n"
         "  - {label: Their LSTM, match: {model: lstm, data.image_size: 64}, auroc: [0.6, 0.05], accuracy: 0.55}\n"
         "  - {label: Their ViT, match: {model: vit_b16}, auroc: 0.7}\n"
         "  - {label: Their dev LSTM, split: dev, match: {model: lstm}, auroc: 0.9}\n"
@@ -287,6 +382,64 @@ def test_reference_by_name_and_unknown_names(tmp_path):
     }
     with pytest.raises(ConfigError, match="choose one of .*cass_table1"):
         collect_sweep(sweep, reference="no_such_table")
+
+
+def test_a_published_task_b_score_stands_beside_our_task_b_score(tmp_path):
+    sweep = tmp_path / "sweep"
+    group = {"method": "semimemes", "data.label_fraction": 0.05}
+    jobs = [
+        grid_job(sweep, group, s, source="mami", targets=MAMI_LABELS[1:], train=["model=lstm"])
+        for s in (0, 1)
+    ]
+    write_sweep(sweep, jobs)
+    markdown = collect_sweep(sweep, reference="semimemes_mami")
+    header = [c.strip() for c in markdown.splitlines()[0].strip("|").split("|")]
+    cells = dict(zip(header[1:], markdown_rows(markdown)["method=semimemes"]))
+    scores = [
+        json.loads((sweep / j["name"] / "results.json").read_text())["protocols"]["classifier"]["multilabel"][
+            "test"
+        ]
+        for j in jobs
+    ]
+    ours = np.mean([m["f1_weighted_macro"] for m in scores])  # each label's macro F1 weighted by positives
+    assert cells["Published"] == "SemiMemes (5 % labels)"
+    assert cells["Task B F1 (MAMI score) (published)"] == "0.6782"
+    assert cells["Δ Task B F1 (MAMI score)"] == f"{ours - 0.6782:+.4f}"
+    assert "F1 (weighted) (published)" not in cells  # never beside the main label's weighted F1
+
+
+def test_a_published_value_is_never_set_beside_another_metric(tmp_path):
+    # a task-A MAMI sweep (main label's weighted F1) against the SemiMemes task-B table: refused
+    sweep = tmp_path / "sweep"
+    group = {"method": "semimemes", "data.label_fraction": 0.05}
+    jobs = [grid_job(sweep, group, s, source="mami", train=["model=lstm"]) for s in (0, 1)]
+    write_sweep(sweep, jobs)
+    with pytest.raises(
+        ConfigError, match="publishes task_b_f1_weighted_macro.*only set beside the same metric"
+    ):
+        collect_sweep(sweep, reference="semimemes_mami")
+
+
+def test_a_reference_must_name_its_metrics(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_sweep(sweep, [grid_job(sweep, {"model": "lstm"}, 0)])
+    reference = tmp_path / "published.yaml"
+    reference.write_text("title: A\nrows:\n  - {label: L, match: {model: lstm}, auroc: 0.6}\n")
+    with pytest.raises(ConfigError, match="name the published metrics"):
+        collect_sweep(sweep, reference=str(reference))
+    reference.write_text(
+        "title: A\nmetrics: {accuracy: acc}\nrows:\n  - {label: L, match: {model: lstm}, auroc: 0.6}\n"
+    )
+    with pytest.raises(ConfigError, match="publishes \\['auroc'\\], which the table's metrics do not name"):
+        collect_sweep(sweep, reference=str(reference))
+
+
+def test_every_published_table_loads_and_names_its_metrics():
+    from memetrain.sweep.reference import REFERENCE_DIR, load_reference
+
+    for path in sorted(REFERENCE_DIR.glob("*.yaml")):
+        table = load_reference(path.stem)
+        assert table.metrics and all(set(row.values) <= set(table.metrics) for row in table.rows), path.name
 
 
 def test_csv_and_tex_parse_back_to_the_same_numbers(tmp_path):
@@ -399,7 +552,6 @@ def test_a_directory_without_runs_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
 def test_collects_two_real_training_runs(synth_shards, tmp_path):
     """Two tiny runs (seeds 0 and 1) of launcher/train.py as one Hydra multirun, then the launcher."""
     from tests.helpers import tiny_run_overrides

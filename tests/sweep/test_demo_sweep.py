@@ -1,5 +1,5 @@
 """The demo sweep end to end on tiny runs: every job trained and evaluated on this machine, then
-collected into the tables. Runs once the collector (memetrain/sweep/collect.py) is merged."""
+collected into the tables."""
 
 from __future__ import annotations
 
@@ -13,9 +13,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_demo_sweep_trains_every_row_and_collects_the_table(synth_shards, tmp_path):
-    pytest.importorskip(
-        "memetrain.sweep.collect", reason="the collector (memetrain.sweep.collect) is not merged yet"
-    )
     tiny = [o for o in tiny_run_overrides(synth_shards, tmp_path, steps=6) if not o.startswith("hydra.")]
     overrides = ",".join(f"'{o}'" for o in [*tiny, "eval.tsne=false"])
     result = run_launcher(

@@ -117,9 +117,18 @@ def test_a_distributed_array_task_past_its_requeue_bound_fails_and_a_rerun_resum
     code, out, err = finish(sweep)
     assert code == 2 and "error: 1 of 1 jobs of sweep tiny failed" in err, err[-3000:]
     # the bounds: ours (max_requeues) and submitit's count of timeouts (max_num_timeout), both 0 here
-    assert "  failed text-seed0: submitit.core.utils.UncompletedJobError: Job not requeued because: " in out
+    assert (
+        "  failed text-seed0: text-seed0: requeued 0 times (launcher.max_requeues), not requeued again."
+        in out
+    )
     assert f"    log: {job.paths.stdout}" in out
-    assert "text-seed0: requeued 0 times (launcher.max_requeues); not again." in job.paths.stdout.read_text()
+    assert (
+        "text-seed0: requeued 0 times (launcher.max_requeues), not requeued again."
+        in job.paths.stdout.read_text()
+    )
+    # past its requeue bound: sweep.json reports it with its cause, and the sweep did not retry it
+    entry = json.loads((sweep_dir / "sweep.json").read_text())["jobs"][0]
+    assert (entry["cause"], entry["retries"], entry["history"][-1]["then"]) == ("time_limit", 0, "reported")
     assert stops(run_dir) == 1, "both ranks stopped at one step and saved"
     stopped_at = max(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))
     assert {"trainer_state_0.json", "trainer_state_1.json"} <= {

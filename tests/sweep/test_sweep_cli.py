@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.helpers import run_launcher
+from tests.helpers import REPO, run_launcher
 
 
 def test_dry_run_prints_every_job_its_runs_and_the_slurm_parameters(tmp_path):
@@ -21,13 +21,15 @@ def test_dry_run_prints_every_job_its_runs_and_the_slurm_parameters(tmp_path):
     assert out.count("\n  dino-resnet50-") == 6 and "\n  cass-resnet50-384px-seed2\n" in out
     lines = out.splitlines()
     dino = lines.index("  dino-resnet50-224px-seed1")
-    pretrain, train = lines[dino + 1], lines[dino + 2]
-    assert pretrain.startswith("    pretrain: trainer.max_steps=3000 data.image_size=224 method=dino ")
+    pretrain = lines[dino + 1]
+    train = next(line for line in lines[dino + 2 :] if line.startswith("    train: "))
+    assert pretrain.startswith("    pretrain: data.image_size=224 method=dino model=backbone_resnet50 ")
     assert pretrain.endswith(" data=synth seed=1") and "data=hateful_memes" not in pretrain
-    assert train.startswith(
-        "    train: trainer.max_steps=3000 data.image_size=224 method=supervised model=resnet50 "
-    )
-    assert train.endswith(" trainer.lr=1.0e-4 data=synth seed=1")
+    # under each run: the weights it starts from, and the recipe it trains with
+    assert lines[dino + 2] == "      weights: image <- resnet50: timm default tag"
+    assert lines[dino + 3].startswith("      recipe: optimizer=sgd lr=0.0075 ")
+    assert train.startswith("    train: data.image_size=224 method=supervised model=resnet50 ")
+    assert train.endswith(" data=synth seed=1")
     assert not any(tmp_path.iterdir()), "a dry run writes nothing"
 
 
@@ -35,7 +37,8 @@ def test_errors_are_one_line():
     cases = [
         (
             [],
-            "error: choose a sweep: +sweep=<name>, one of assignment, demo, mami, semimemes, synth_methods, table1, table2, table3",
+            "error: choose a sweep: +sweep=<name>, one of "
+            + ", ".join(sorted(path.stem for path in (REPO / "configs" / "sweep").glob("*.yaml"))),
         ),
         (["+sweep=demo", "launcher.stop_timeout_s=200"], "error: launcher.stop_timeout_s=200 must be below"),
     ]

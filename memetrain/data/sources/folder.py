@@ -43,17 +43,17 @@ class FolderSource:
         """``annotations``: the file, relative to ``input``; its format follows its extension (.csv,
         .tsv, .jsonl or .json for JSON lines) unless ``delimiter`` is given. Image paths are relative
         to ``input``; an empty id falls back to the image file's stem. ``split_column`` overrides the
-        fixed ``split``. Memes with every label cell empty are unlabeled."""
+        fixed ``split``. Memes with every label cell empty are unlabeled; ``label_columns=[]`` reads
+        memes without labels (to score them; a pack needs at least one label column)."""
         self.root = input_dir(input, "dataset")
         self.path = self.root / annotations
         if not self.path.is_file():
             raise ConfigError(f"annotation file {self.path} not found")
         self.id_column, self.image_column, self.text_column = id_column, image_column, text_column
         self.label_names = tuple(["label"] if label_columns is None else label_columns)
-        if not self.label_names:
-            raise ConfigError("label_columns is empty; name at least one label column")
-        self.main_label = main_label or self.label_names[0]
-        if self.main_label not in self.label_names:
+        self.main_label = main_label or (self.label_names[0] if self.label_names else None)
+        self.label_classes: dict[str, tuple[str, ...]] = {}  # every label column is 0/1
+        if self.label_names and self.main_label not in self.label_names:
             raise ConfigError(
                 f"main_label {self.main_label!r} is not one of label_columns {self.label_names}"
             )
@@ -66,7 +66,11 @@ class FolderSource:
             )
         self.header = None if self.delimiter is None else read_table(self.path, self.delimiter)[0]
         wanted = [image_column, text_column, *self.label_names, *([split_column] if split_column else [])]
-        require_columns(self.path, self._json_keys() if self.header is None else self.header, wanted)
+        require_columns(self.path, self.columns(), wanted)
+
+    def columns(self) -> list[str]:
+        """The annotation file's column names (a JSON lines file's keys)."""
+        return self._json_keys() if self.header is None else list(self.header)
 
     def entries(self) -> Iterator[Entry | Rejected]:
         split = None if self.split_column else self.split

@@ -28,6 +28,7 @@ class HatefulMemes:
     name = "hateful_memes"
     label_names = HATEFUL_LABELS
     main_label = "hateful"
+    label_classes: dict[str, tuple[str, ...]] = {}  # every label is 0/1
 
     def __init__(self, input: str, splits: list[str] | None = None):
         """``splits``: file stems to read (any ``<name>.jsonl``, e.g. the first release's ``dev``);

@@ -36,6 +36,7 @@ class Mami:
     name = "mami"
     label_names = MAMI_LABELS
     main_label = "misogynous"
+    label_classes: dict[str, tuple[str, ...]] = {}  # every label is 0/1
 
     def __init__(self, input: str, splits: list[str] | None = None, test_labels: str | None = None):
         """``test_labels``: the labels of ``Test.csv`` (a path relative to ``input`` or absolute)."""

@@ -25,6 +25,11 @@ tests/test_synth_learnability.py):
   adjectives of matched width across classes: with each phrase fitted to the width, an image-only
   ResNet read the target from the captions' outline (test AUROC 0.91).
 - Shape colours and counts are independent of the class, so the setup never tells the class.
+
+This is ``difficulty=easy``, where the studies' methods reach test AUROC 1.0 at 5 % of the labels;
+``difficulty=hard`` (:mod:`memetrain.data.sources.synth_hard`) leaves every method headroom. Both
+can pack each meme's generative factors as label columns of class ids (``attributes``), which no
+method reads as input and evaluation probes (``eval.targets``).
 """
 
 from __future__ import annotations
@@ -36,10 +41,19 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from memetrain.data.images import encode
 from memetrain.data.records import HATEFUL_LABELS, IMAGE_FORMATS, Entry, MemeRecord
+from memetrain.data.sources import synth_hard
+from memetrain.data.sources.synth_render import (
+    COLOURS,
+    COUNT_WORDS,
+    SCENE_TINTS,
+    font_size,
+    place_caption,
+)
+from memetrain.data.sources.synth_render import rng as random_stream
 from memetrain.errors import ConfigError
 
 CLASSES = ("circle", "square", "triangle", "star")
@@ -66,22 +80,8 @@ PHRASES = tuple(
 )
 """(punchline lines, target class): 16 phrases per class."""
 
-COLOURS = {
-    "red": (215, 40, 40),
-    "blue": (40, 85, 215),
-    "green": (40, 165, 60),
-    "yellow": (240, 205, 35),
-    "purple": (135, 55, 185),
-    "orange": (245, 135, 25),
-}
-COUNT_WORDS = {2: "TWO", 3: "THREE", 4: "FOUR", 5: "FIVE"}
-SCENE_TINTS = {"circle": (1, -1, -1), "square": (-1, 1, -1), "triangle": (-1, -1, 1), "star": (1, 1, 1)}
-"""Direction of each image class's background tint from grey: rose, green, blue and pale. They are the
-corners of a regular tetrahedron, so every two classes are equally far apart in colour."""
 SCENE_GREY, SCENE_TINT, SCENE_JITTER = 150, 45, 15
 """Background base colour: grey + SCENE_TINT * direction, each channel jittered by +-SCENE_JITTER."""
-CAPTION_SCALE = (0.8, 1.0)
-"""Range of each caption's font size relative to the corpus size: line lengths vary with it."""
 SHOWINGS = 2 * (len(CLASSES) - 1)
 """Memes per phrase per cycle: K-1 on its target class (hateful), one on each other class (benign)."""
 CYCLE = len(PHRASES) * SHOWINGS
@@ -119,13 +119,9 @@ class MemeFactors:
         return int(self.image_class == self.target_class)
 
 
-def _rng(seed: int, pool: int, stream: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, pool, stream, index])
-
-
 @lru_cache(maxsize=64)
 def _cycle_order(seed: int, pool: int, cycle: int) -> np.ndarray:
-    return _rng(seed, pool, _ORDER, cycle).permutation(CYCLE)
+    return random_stream(seed, pool, _ORDER, cycle).permutation(CYCLE)
 
 
 def meme_factors(seed: int, index: int, unlabeled: bool = False) -> MemeFactors:
@@ -135,15 +131,10 @@ def meme_factors(seed: int, index: int, unlabeled: bool = False) -> MemeFactors:
     punchline, target = PHRASES[slot // SHOWINGS]
     showing = slot % SHOWINGS - (len(CLASSES) - 1)  # negative: on the target class
     image_class = target if showing < 0 else [c for c in CLASSES if c != target][showing]
-    rng = _rng(seed, pool, _ATTRIBUTES, index)  # never sees the label: colour and count stay neutral
+    rng = random_stream(seed, pool, _ATTRIBUTES, index)  # never sees the label: colour and count stay neutral
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     count = int(rng.integers(min(COUNT_WORDS), max(COUNT_WORDS) + 1))
     return MemeFactors(seed, pool, index, image_class, target, punchline, colour, count)
-
-
-@lru_cache(maxsize=16)
-def _font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
 
 
 @lru_cache(maxsize=8)
@@ -154,45 +145,7 @@ def caption_font_size(image_size: int) -> int:
     """
     lines = [line for lines, _ in PHRASES for line in lines]
     lines += [f"{word} {colour.upper()} ONES" for word in COUNT_WORDS.values() for colour in COLOURS]
-    size = max(6, round(0.1 * image_size))
-    while size > 6 and max(_font(size).getlength(line) for line in lines) > 0.94 * image_size:
-        size -= 1
-    return size
-
-
-@lru_cache(maxsize=4096)
-def _caption(lines: tuple[str, ...], size: int) -> Image.Image:
-    """White text with a black outline in meme style, each line centred, on a transparent block.
-
-    Captions come from a small set, so each is drawn once per font size and then pasted (fast packing).
-    """
-    font = _font(size)
-    stroke = max(1, round(size / 8))
-    step = round(size * 1.1) + stroke
-    width = max(round(font.getlength(line)) for line in lines) + 2 * stroke
-    block = Image.new("RGBA", (width, step * len(lines) + stroke), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(block)
-    for i, line in enumerate(lines):
-        draw.text(
-            (width / 2, i * step + stroke),
-            line,
-            font=font,
-            fill="white",
-            stroke_width=stroke,
-            stroke_fill="black",
-            anchor="ma",
-        )
-    return block
-
-
-def _place_caption(image: Image.Image, lines: tuple[str, ...], rng: np.random.Generator, top: bool):
-    """Paste a caption at the top or bottom with a jittered font size and offset, as memes vary."""
-    s = image.width
-    caption = _caption(lines, max(6, round(caption_font_size(s) * rng.uniform(*CAPTION_SCALE))))
-    margin = max(1, s // 50)
-    x = round(rng.uniform(0, max(0, s - caption.width)))
-    y = margin + round(rng.uniform(0, 2 * margin))
-    image.paste(caption, (x, y if top else s - y - caption.height), caption)
+    return font_size(image_size, lines)
 
 
 def _shape(kind: str, x: float, y: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -210,7 +163,7 @@ def _shape(kind: str, x: float, y: float, r: float, angle: float) -> list[tuple[
 def render_meme(factors: MemeFactors, image_size: int = 224) -> Image.Image:
     """The meme as an RGB image: background tinted by the class, the shapes, then the captions on top."""
     s = image_size
-    rng = _rng(factors.seed, factors.pool, _LAYOUT, factors.index)
+    rng = random_stream(factors.seed, factors.pool, _LAYOUT, factors.index)
     tint = SCENE_GREY + SCENE_TINT * np.array(SCENE_TINTS[factors.image_class])
     base = tint + rng.uniform(-SCENE_JITTER, SCENE_JITTER, 3)  # muted, so the shapes stand out
     light = rng.normal(0, 25, (4, 4, 1)) + np.linspace(-20, 20, 4)[:, None, None]  # blotches, gradient
@@ -233,16 +186,45 @@ def render_meme(factors: MemeFactors, image_size: int = 224) -> Image.Image:
         else:
             points = _shape(factors.image_class, x, y, r, rng.uniform(-0.35, 0.35))
             draw.polygon(points, fill=fill, outline=outline, width=line)
-    _place_caption(image, (factors.setup,), rng, top=True)
-    _place_caption(image, factors.punchline, rng, top=False)
+    size = caption_font_size(s)
+    place_caption(image, (factors.setup,), rng, top=True, base_size=size)
+    place_caption(image, factors.punchline, rng, top=False, base_size=size)
     return image
 
 
+DIFFICULTIES = ("easy", "hard")
+ATTRIBUTES = ("image_class", "target_class", "template", "colour", "count")
+"""Generative factors packed as label columns of class ids (``attributes=true``), for probes."""
+HARD_ATTRIBUTES = ATTRIBUTES + ("hateful_clean", "confounder")
+"""``hard`` adds two 0/1 columns: the label before its noise, and whether a meme is a twin confounder."""
+_TEMPLATE_OF = {lines: i % len(TEMPLATES) for i, (lines, _) in enumerate(PHRASES)}
+
+
+def attribute_classes(difficulty: str) -> dict[str, tuple[str, ...]]:
+    """The class names of each class-id attribute column (id = position in the tuple)."""
+    hard = difficulty == "hard"
+    classes = synth_hard.CLASSES if hard else CLASSES
+    templates = synth_hard.TEMPLATES if hard else TEMPLATES
+    return {
+        "image_class": classes,
+        "target_class": classes,
+        "template": tuple(first.replace(" ", "_") for first, _ in templates),
+        "colour": tuple(COLOURS),
+        "count": tuple(str(n) for n in COUNT_WORDS),
+    }
+
+
 class SynthMemes:
-    """``source=synth``: ``count`` labeled memes split by seeded draws, plus ``unlabeled`` pool memes."""
+    """``source=synth``: ``count`` labeled memes split by seeded draws, plus ``unlabeled`` pool memes.
+
+    ``difficulty``: ``easy`` (this module's corpus, where the studies' methods reach test AUROC 1.0)
+    or ``hard`` (:mod:`memetrain.data.sources.synth_hard`: headroom for every method). With
+    ``attributes`` the labeled memes also carry their generative factors as label columns
+    (:data:`ATTRIBUTES`, class ids named by ``label_classes``; ``hard`` adds :data:`HARD_ATTRIBUTES`'
+    0/1 columns), which no method reads as input and evaluation can probe (``eval.targets``).
+    """
 
     name = "synth"
-    label_names = HATEFUL_LABELS
     main_label = "hateful"
 
     def __init__(
@@ -254,6 +236,8 @@ class SynthMemes:
         unlabeled: int = 0,
         image_format: str = "jpg",
         jpeg_quality: int = 90,
+        difficulty: str = "easy",
+        attributes: bool = True,
     ):
         splits = {"train": 0.8, "dev": 0.1, "test": 0.1} if splits is None else dict(splits)
         if count < 1:
@@ -274,36 +258,71 @@ class SynthMemes:
             )
         if not splits or abs(sum(splits.values()) - 1) > 1e-6:
             raise ConfigError(f"synth split fractions {splits} sum to {sum(splits.values()):g}, not 1")
+        if difficulty not in DIFFICULTIES:
+            raise ConfigError(f"synth difficulty is {difficulty!r}; use one of {', '.join(DIFFICULTIES)}")
         self.count, self.image_size, self.seed, self.unlabeled = count, image_size, seed, unlabeled
         self.splits, self.image_format, self.jpeg_quality = splits, image_format, jpeg_quality
+        self.difficulty, self.attributes = difficulty, bool(attributes)
         self._names, self._bounds = list(splits), np.cumsum(list(splits.values()))
+        columns = HARD_ATTRIBUTES if difficulty == "hard" else ATTRIBUTES
+        self.label_names = HATEFUL_LABELS + (columns if attributes else ())
+        self.label_classes = attribute_classes(difficulty) if attributes else {}
 
     def split_of(self, index: int) -> str:
         """One seeded draw per index, so splits do not change when ``count`` grows."""
-        u = _rng(self.seed, _POOLS["labeled"], _SPLIT, index).random()
+        u = random_stream(self.seed, _POOLS["labeled"], _SPLIT, index).random()
         return self._names[min(int(np.searchsorted(self._bounds, u, side="right")), len(self._names) - 1)]
+
+    def factors(self, index: int, unlabeled: bool = False) -> MemeFactors | synth_hard.HardFactors:
+        if self.difficulty == "hard":
+            return synth_hard.hard_factors(self.seed, index, _POOLS["unlabeled" if unlabeled else "labeled"])
+        return meme_factors(self.seed, index, unlabeled)
+
+    def labels(self, f: MemeFactors | synth_hard.HardFactors) -> dict[str, int]:
+        """The ``hateful`` label and, with ``attributes``, every attribute column's value."""
+        labels = {"hateful": f.hateful}
+        if not self.attributes:
+            return labels
+        classes = self.label_classes
+        template = f.template if self.difficulty == "hard" else _TEMPLATE_OF[f.punchline]
+        labels |= {
+            "image_class": classes["image_class"].index(f.image_class),
+            "target_class": classes["target_class"].index(f.target_class),
+            "template": template,
+            "colour": classes["colour"].index(f.colour),
+            "count": classes["count"].index(str(f.count)),
+        }
+        if self.difficulty == "hard":
+            labels |= {"hateful_clean": f.hateful_clean, "confounder": f.confounder}
+        return labels
 
     def entries(self) -> Iterator[Entry]:
         for unlabeled, n in ((False, self.count), (True, self.unlabeled)):
             for index in range(n):
-                f = meme_factors(self.seed, index, unlabeled)
+                f = self.factors(index, unlabeled)
+                meta = {
+                    "image_class": f.image_class,
+                    "target_class": f.target_class,
+                    "colour": f.colour,
+                    "count": f.count,
+                }
+                if self.difficulty == "hard":
+                    meta |= {"template": f.template, "label_flipped": f.flipped}
                 yield Entry(
                     id=f"synthu{index:07d}" if unlabeled else f"synth{index:07d}",
                     split="unlabeled" if unlabeled else self.split_of(index),
                     ref=index,
                     text=f.text,
-                    labels={} if unlabeled else {"hateful": f.hateful},
-                    meta={
-                        "image_class": f.image_class,
-                        "target_class": f.target_class,
-                        "colour": f.colour,
-                        "count": f.count,
-                    },
+                    labels={} if unlabeled else self.labels(f),
+                    meta=meta,
                 )
 
     def load(self, entry: Entry) -> MemeRecord:
-        factors = meme_factors(self.seed, entry.ref, entry.split == "unlabeled")
-        image = render_meme(factors, self.image_size)
+        factors = self.factors(entry.ref, entry.split == "unlabeled")
+        if self.difficulty == "hard":
+            image = synth_hard.render_hard(factors, self.image_size)
+        else:
+            image = render_meme(factors, self.image_size)
         return MemeRecord(
             id=entry.id,
             image=encode(image, self.image_format, self.jpeg_quality),
@@ -329,7 +348,7 @@ def write_hateful_memes_layout(
     """
     root = Path(root)
     (root / "img").mkdir(parents=True, exist_ok=True)
-    source = SynthMemes(count=count, image_size=image_size, seed=seed, image_format="png")
+    source = SynthMemes(count=count, image_size=image_size, seed=seed, image_format="png", attributes=False)
     files = {split: (root / name).open("w", encoding="utf-8") for split, name in HM_FILES.items()}
     try:
         for entry in source.entries():
