@@ -507,11 +507,26 @@ def form_process_group(
     try:
         meeting.wait(["complete"], datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0)))
     except torch.distributed.DistError:
-        raise RendezvousFailed(_missing_ranks(meeting, rank, processes, where, seconds)) from None
+        message = _missing_ranks(meeting, rank, processes, where, seconds)
+        _report_and_outlast(meeting, hosts, wait)
+        raise RendezvousFailed(message) from None
     store.set_timeout(timeout)
     torch.distributed.init_process_group(
         backend, store=store, rank=rank, world_size=processes, timeout=timeout
     )
+
+
+def _report_and_outlast(meeting, hosts: bool, wait: datetime.timedelta) -> None:
+    """Count this rank's failed wait in; the host of the store stays until every rank that arrived
+    has read which ranks are missing (or ``wait`` more passed): the ranks' deadlines differ by their
+    start times, and a host that exited first would leave the others unable to name the missing."""
+    try:
+        if meeting.add("reported", 1) >= meeting.add("arrived", 0):
+            meeting.set("all_reported", "1")
+        if hosts:
+            meeting.wait(["all_reported"], wait)
+    except torch.distributed.DistError:  # the host is gone, or a rank never reported: nothing to wait for
+        pass
 
 
 def _missing_ranks(meeting, rank: int, processes: int, where: str, seconds: str) -> str:
