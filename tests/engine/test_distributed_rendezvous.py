@@ -42,7 +42,9 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith(GPU_VARIABLES)}
 ENV |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def start_ranks(ranks: list[int], processes: int, port: int, stagger_s: float = 0) -> dict[int, subprocess.Popen]:
+def start_ranks(
+    ranks: list[int], processes: int, port: int, stagger_s: float = 0
+) -> dict[int, subprocess.Popen]:
     """Ranks of one run started as srun starts tasks (RANK, WORLD_SIZE, MASTER_ADDR/PORT; no agent),
     each ``stagger_s`` after the one before."""
     ddp = json.dumps(trainer("ddp"))
