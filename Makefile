@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# pytest-xdist workers of `make test` and `make test-fast`: one per core of the 2-core CI machine
+# (each test file runs whole on one worker; TEST_WORKERS=0 runs the suite in this process)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast lint bench clean
 
@@ -22,10 +25,10 @@ demo: $(INSTALLED)
 	$(BIN)/python launcher/sweep.py +sweep=demo launcher=local
 
 test: $(INSTALLED)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS)
 
 test-fast: $(INSTALLED)
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not slow"
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check memetrain launcher tests benchmarks

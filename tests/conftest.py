@@ -3,6 +3,7 @@ a tiny finished run and its model bundle."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
@@ -18,6 +19,9 @@ import torch
 from tests.helpers import REPO, pack_synth, reset_accelerate, run_launcher, skip_or_fail, tiny_run_overrides
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `make test` runs one pytest worker per core: the runs each starts share it with the other's
+    os.environ["OMP_NUM_THREADS"] = "1"
 # DeepSpeed compiles its CPU communication op (~30 s) on first use: once per checkout, here.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
 
@@ -127,3 +131,39 @@ def finished_run(synth_shards, tmp_path_factory) -> Path:
 def bundle(finished_run, tmp_path_factory) -> Path:
     """The run's bundle, alone, where nothing of the run is."""
     return Path(shutil.copytree(finished_run / "model", tmp_path_factory.mktemp("elsewhere") / "bundle"))
+
+
+# -- parallel runs (pytest-xdist, `make test`) -------------------------------------------------------
+
+SLURM_CLUSTER_FILES = ("tests/sweep/test_chaos.py", "tests/sweep/test_slurm_sweep.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Each test file runs whole on one worker (its module fixtures are built once), and the files
+    that use the Slurm cluster run on the same one: one cluster per machine (its munge and
+    MariaDB daemons are the host's), started once."""
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # keep pytest_collection_modifyitems' order of the files
+
+    class OneSlurmCluster(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "slurm cluster" if path in SLURM_CLUSTER_FILES else path
+
+    return OneSlurmCluster(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most slow tests first, so that under xdist the fast ones fill the workers'
+    last minutes (the scheduler hands files out in this order); and every test that starts the
+    Slurm cluster is in SLURM_CLUSTER_FILES."""
+    stray = [item.nodeid for item in items if "slurm_cluster" in getattr(item, "fixturenames", ())
+             and item.nodeid.split("::")[0] not in SLURM_CLUSTER_FILES]  # fmt: skip
+    if stray:
+        raise pytest.UsageError(f"add their files to SLURM_CLUSTER_FILES in tests/conftest.py: {stray}")
+    slow = collections.Counter(
+        item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")
+    )
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
