@@ -3,11 +3,11 @@ holder while another process holds it, and taken over once that process is SIGKI
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -36,12 +36,8 @@ def test_a_second_holder_is_refused_until_the_first_dies(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    started = time.monotonic()
-    with hold_sweep(sweep_dir):  # the kernel dropped the dead holder's lock
-        import os
-
+    with hold_sweep(sweep_dir):  # the kernel dropped the dead holder's lock (no wait: taking it never blocks)
         assert (sweep_dir / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
-    assert time.monotonic() - started < 1
 
 
 def test_the_lock_is_released_at_the_end_and_not_inherited(tmp_path):
