@@ -55,6 +55,7 @@ class BundleContents:
     vocab_size: int | None
     pad_id: int
     image_size: int
+    interpolation: str  # the resize filter of evaluation (data.interpolation, resolved)
     max_length: int
     clean_text: bool
     head: str | None  # classifier | linear_probe | None (features only)
@@ -154,7 +155,8 @@ class MemeModel(nn.Module):
         self.targets: list[str] = list(manifest["targets"])
         self.thresholds: list[float] = list(manifest["thresholds"])
         self.head: str | None = manifest["head"]
-        self.view = Resize(manifest["image_size"])
+        interpolation = manifest.get("interpolation", "bilinear")  # bundles from before it: bilinear
+        self.view = Resize(manifest["image_size"], interpolation)
         self.decoder = SampleDecoder(self.view.decode_size)
         tokenizer = manifest["tokenizer"]
         self.text_encoder = (

@@ -152,6 +152,7 @@ def _write_beside(model: MemeModel, output: Path, format: str) -> None:
         k: model.manifest[k]
         for k in ("targets", "thresholds", "label_names", "image_size", "max_length", "clean_text")
     }
+    info["interpolation"] = model.view.interpolation
     info |= {"format": format, "inputs": list(INPUTS), "output": "probabilities", "tokenizer": target.name}
     info["from_bundle"] = {"path": str(model.root), "weights_sha256": model.manifest["weights_sha256"]}
     atomic_write_text(output.parent / f"{output.stem}.{MANIFEST}", json.dumps(info, indent=2) + "\n")

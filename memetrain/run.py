@@ -52,7 +52,7 @@ from memetrain.eval.zero_shot import ZeroShotSettings
 from memetrain.fileio import atomic_write_json, atomic_write_text
 from memetrain.methods import DataInfo, build_method
 from memetrain.methods.base import Method
-from memetrain.models.hub import image_preprocessing, pretrained_weights
+from memetrain.models.hub import image_preprocessing, pretrained_weights, resize_interpolation
 from memetrain.models.text import LSTMTextEncoder, TransformerTextEncoder
 from memetrain.run_data import RunData
 from memetrain.run_record import (
@@ -111,6 +111,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         name, view = method_options.pop("name"), method_options.pop("view")
         method = build_method(name, method_options, OmegaConf.to_container(cfg.model, resolve=True), info)
         _check_vocabulary(method, encoder, data.tokenizer)
+        interpolation = resize_interpolation(data.interpolation, method)
+        eval_view = Resize(data.image_size, interpolation)
         if "classifier" in cfg.eval.protocols and not method.classifies:
             raise ConfigError(
                 f"method {name} does not classify: evaluate it with eval=probe (linear probe, kNN)"
@@ -142,13 +144,11 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             _record_run(run_dir, cfg, config_yaml, method, accelerator.num_processes, launch)
         validation = (
             Validation(
-                run_data.stream(data.dev_split, Resize(data.image_size)),
+                run_data.stream(data.dev_split, eval_view),
                 manifest.label_names,
                 manifest.main_label,
                 monitors=list(cfg.eval.online),
-                bank=run_data.monitor_bank(Resize(data.image_size), cfg.eval.online_bank)
-                if cfg.eval.online
-                else None,
+                bank=run_data.monitor_bank(eval_view, cfg.eval.online_bank) if cfg.eval.online else None,
                 knn_k=cfg.eval.knn_k,
                 seed=cfg.seed,
             )
@@ -162,7 +162,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             stages, stage_dirs, checkpointers, starts, settings, stage_options
         ):
             method.start_stage(stage)
-            train_stream = run_data.train_stream(stage, build_view(**view))
+            train_stream = run_data.train_stream(stage, build_view(**view, interpolation=interpolation))
             if stage is not stages[0]:
                 accelerator.free_memory()  # the previous stage's wrapped model and optimizer
             optimizer = build_optimizer(
@@ -197,12 +197,10 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             best = trainer.load_best()
             if main:
                 log.info("evaluating the best checkpoint on dev %s: %s", t.keep_best, best)
-        eval_streams = {split: run_data.stream(split, Resize(data.image_size)) for split in data.eval_splits}
+        eval_streams = {split: run_data.stream(split, eval_view) for split in data.eval_splits}
         probes = {"linear_probe", "knn"} & set(cfg.eval.protocols)
         probe_stream = (
-            run_data.stream(data.train_split, Resize(data.image_size), subset=run_data.labeled_subset())
-            if probes
-            else None
+            run_data.stream(data.train_split, eval_view, subset=run_data.labeled_subset()) if probes else None
         )
         protocols, probe_heads = run_protocols(
             trainer.method,
@@ -246,7 +244,9 @@ def train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         }
         if main:
             tensors = _evaluated_tensors(trainer)
-            _write_model_bundle(run_dir, cfg, name, method_options, run_data, results, tensors, probe_heads)
+            _write_model_bundle(
+                run_dir, cfg, name, method_options, run_data, results, tensors, probe_heads, interpolation
+            )
             atomic_write_json(run_dir / "results.json", results)
             plot_curves(trainer.logger.history(), run_dir / "plots" / "curves.png")
             trainer.logger.hparams(_hparams(cfg), _headline(protocols))
@@ -278,6 +278,7 @@ def _write_model_bundle(
     results: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     probe_heads: list | None,
+    interpolation: str,
 ) -> None:
     """``<run>/model/``: the evaluated model with its tokenizer, thresholds and preprocessing."""
     manifest, encoder = run_data.manifest, run_data.encoder
@@ -291,6 +292,7 @@ def _write_model_bundle(
         vocab_size=encoder.vocab_size if encoder else None,
         pad_id=encoder.pad_id if encoder else 0,
         image_size=cfg.data.image_size,
+        interpolation=interpolation,
         max_length=cfg.data.max_length,
         clean_text=cfg.data.clean_text,
         head=head,
@@ -422,7 +424,11 @@ def _record_run(
     """``config.yaml``, ``provenance.json`` (with the weights each tower started from and the image
     preprocessing they expect) and ``.hydra/``: what the run directory is from here on."""
     atomic_write_text(run_dir / CONFIG_FILE, config_yaml)
-    started_from = {"weights": pretrained_weights(method), "image_preprocessing": image_preprocessing(method)}
+    started_from = {
+        "weights": pretrained_weights(method),
+        "image_preprocessing": image_preprocessing(method),
+        "resize_interpolation": resize_interpolation(cfg.data.interpolation, method),  # what the views use
+    }
     atomic_write_json(run_dir / "provenance.json", provenance(processes, cfg.seed) | launch | started_from)
     _record_hydra_config(cfg, run_dir)
 

@@ -52,6 +52,13 @@ FREE_TO_CHANGE = {
 }
 """Options that may differ between a run directory's config and a command continuing it, and why."""
 
+ADDED_OPTIONS = {
+    "data.interpolation": "bilinear",
+}
+"""Options added since some runs were recorded whose default is not null, with what a config that
+lacks one did: an absent one compares as that value (a run from before ``data.interpolation``
+continues under ``data.interpolation=bilinear``, never under ``auto``, which may resize otherwise)."""
+
 ABSENT = object()  # a key one config has and the other lacks
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -83,13 +90,15 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(key, recorded value, current value)`` for every option outside :data:`FREE_TO_CHANGE`
-    whose values differ (a key only one side has counts, with the other value missing)."""
+    whose values differ (a key only one side has counts, with the other value missing, unless it
+    is one of :data:`ADDED_OPTIONS`)."""
     old, new = flatten(recorded), flatten(current)
     found = []
     for key in dict.fromkeys([*old, *new]):
         if key in FREE_TO_CHANGE:
             continue
-        a, b = old.get(key, ABSENT), new.get(key, ABSENT)
+        before = ADDED_OPTIONS.get(key, ABSENT)
+        a, b = old.get(key, before), new.get(key, before)
         if not _same(a, b):
             found.append((key, a, b))
     return found
@@ -102,7 +111,11 @@ def check_same_config(
     ``recorded`` in an option that changes results; the error lists every such option."""
     found = differences(recorded, current)
     if found:
-        listed = "; ".join(f"{key}: {_show(a)} there, {_show(b)} now" for key, a, b in found)
+        lacks = flatten(recorded).keys()
+        listed = "; ".join(
+            f"{key}: {_show(a)}{' (absent: as before the option)' if key not in lacks else ''} there, {_show(b)} now"
+            for key, a, b in found
+        )
         raise ConfigError(f"{recorded_at} was made with another config ({listed}). {ways_out}")
 
 

@@ -18,6 +18,9 @@ that reproduce them: DINO's flip, Gaussian blur and solarisation (``multicrop``:
 ``blur``, ``solarize``; facebookresearch/dino main_dino.py 419-464) and the CASS code's flips,
 perspective and affine jitter (``cass``; pranavsinghps1/CASS CASS.ipynb cell 4). A paper sweep sets
 them; our own sweeps keep the captions unmirrored.
+
+Every view resizes and crops with one ``interpolation`` (``data.interpolation``: a pretrained
+tower's own, from its weights' config, unless the run names one; :func:`resize_filter`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,21 @@ import torchvision.transforms.v2.functional as F
 from memetrain.errors import ConfigError
 
 Image = torch.Tensor
+INTERPOLATIONS = {
+    "bilinear": F.InterpolationMode.BILINEAR,
+    "bicubic": F.InterpolationMode.BICUBIC,
+    "nearest": F.InterpolationMode.NEAREST,
+}
+
+
+def resize_filter(name: str) -> F.InterpolationMode:
+    """The torchvision interpolation mode of ``data.interpolation`` (antialiased when shrinking)."""
+    if name not in INTERPOLATIONS:
+        raise ConfigError(
+            f"data.interpolation={name!r}: choose auto (the pretrained image tower's own), "
+            f"{', '.join(INTERPOLATIONS)}"
+        )
+    return INTERPOLATIONS[name]
 
 
 def random_resized_crop_box(
@@ -76,8 +94,9 @@ class Resize:
 
     random = False
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, interpolation: str = "bilinear"):
+        self.size, self.interpolation = size, interpolation
+        self.filter = resize_filter(interpolation)
         self.decode_size = size
 
     def passes_through(self, height: int, width: int) -> bool:
@@ -87,7 +106,7 @@ class Resize:
     def __call__(self, image: Image, rng: np.random.Generator | None = None) -> Image:
         if self.passes_through(*image.shape[-2:]):
             return image  # as F.resize would, without its dispatch (a few µs, per sample)
-        return F.resize(image, [self.size, self.size], antialias=True)
+        return F.resize(image, [self.size, self.size], self.filter, antialias=True)
 
 
 class AssignmentAugment:
@@ -103,13 +122,15 @@ class AssignmentAugment:
         contrast: float = 0.2,
         saturation: float = 0.2,
         hue: float = 0.05,
+        interpolation: str = "bilinear",
     ):
         self.size, self.degrees = size, degrees
+        self.filter = resize_filter(interpolation)
         self.jitter = dict(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
         self.decode_size = size
 
     def __call__(self, image: Image, rng: np.random.Generator) -> Image:
-        image = F.resize(image, [self.size, self.size], antialias=True)
+        image = F.resize(image, [self.size, self.size], self.filter, antialias=True)
         image = F.rotate(image, float(rng.uniform(-self.degrees, self.degrees)), F.InterpolationMode.BILINEAR)
         return color_jitter(image, rng, **self.jitter)
 
@@ -140,8 +161,10 @@ class _RandomCrops:
         grayscale_p: float,
         jitter: tuple[float, float, float, float],
         flip_p: float = 0.0,
+        interpolation: str = "bilinear",
     ):
         self.jitter_p, self.grayscale_p, self.flip_p = jitter_p, grayscale_p, flip_p
+        self.filter = resize_filter(interpolation)
         self.jitter = dict(zip(("brightness", "contrast", "saturation", "hue"), jitter))
 
     def crop(
@@ -158,7 +181,7 @@ class _RandomCrops:
         top, left, h, w = random_resized_crop_box(
             image.shape[-2], image.shape[-1], scale, (3 / 4, 4 / 3), rng
         )
-        view = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+        view = F.resized_crop(image, top, left, h, w, [size, size], self.filter, antialias=True)
         if self.flip_p > 0 and rng.random() < self.flip_p:
             view = F.horizontal_flip(view)
         if rng.random() < self.jitter_p:
@@ -182,8 +205,9 @@ class TwoViews(_RandomCrops):
         jitter_p: float = 0.8,
         grayscale_p: float = 0.2,
         jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        interpolation: str = "bilinear",
     ):
-        super().__init__(jitter_p, grayscale_p, tuple(jitter))
+        super().__init__(jitter_p, grayscale_p, tuple(jitter), interpolation=interpolation)
         self.size, self.scale = size, tuple(scale)
         self.decode_size = size
 
@@ -214,8 +238,9 @@ class MultiCrop(_RandomCrops):
         flip_p: float = 0.0,
         blur: tuple[float, float, float] = (0.0, 0.0, 0.0),
         solarize: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        interpolation: str = "bilinear",
     ):
-        super().__init__(jitter_p, grayscale_p, tuple(jitter), flip_p)
+        super().__init__(jitter_p, grayscale_p, tuple(jitter), flip_p, interpolation)
         self.global_size, self.local_size, self.local_crops = global_size, local_size, local_crops
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         for name, probabilities in (("blur", blur), ("solarize", solarize)):
@@ -251,13 +276,21 @@ class CassAugment:
 
     random = True
 
-    def __init__(self, size: int, degrees: float = 10.0, flip_p: float = 0.3, apply_p: float = 0.3):
+    def __init__(
+        self,
+        size: int,
+        degrees: float = 10.0,
+        flip_p: float = 0.3,
+        apply_p: float = 0.3,
+        interpolation: str = "bilinear",
+    ):
         self.size, self.degrees, self.flip_p, self.apply_p = size, degrees, flip_p, apply_p
+        self.filter = resize_filter(interpolation)
         self.jitter = dict(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0)
         self.decode_size = size
 
     def __call__(self, image: Image, rng: np.random.Generator) -> Image:
-        image = F.resize(image, [self.size, self.size], antialias=True)
+        image = F.resize(image, [self.size, self.size], self.filter, antialias=True)
         if rng.random() < self.apply_p:
             image = color_jitter(image, rng, **self.jitter)
             if rng.random() < 0.5:

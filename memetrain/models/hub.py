@@ -91,6 +91,26 @@ def image_preprocessing(module: nn.Module) -> dict[str, dict[str, Any]]:
     }
 
 
+def resize_interpolation(option: str, module: nn.Module) -> str:
+    """``data.interpolation`` for a built method: ``auto`` is the interpolation the weights of its
+    image towers were trained with (their pretrained config: timm's ``pretrained_cfg``, open_clip's
+    preprocess; bicubic for timm's ImageNet weights and for CLIP), bilinear where no image tower
+    loaded weights; any other value is the run's choice."""
+    if option != "auto":
+        return option
+    found = {
+        name: sub.data_config["interpolation"]
+        for name, sub in module.named_modules()
+        if hasattr(sub, "data_config") and getattr(sub, RECORD, None) is not None
+    }
+    if len(set(found.values())) > 1:
+        raise ConfigError(
+            f"data.interpolation=auto: the image towers' weights were trained with different interpolations "
+            f"({', '.join(f'{name}: {value}' for name, value in found.items())}); set data.interpolation to one"
+        )
+    return next(iter(found.values()), "bilinear")
+
+
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 

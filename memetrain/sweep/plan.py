@@ -27,6 +27,7 @@ TRAINER_KEYS = (
 DATA_KEYS = (
     "batch_size",
     "image_size",
+    "interpolation",
     "label_fraction",
     "targets",
     "dev_split",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from memetrain.errors import ConfigError
 from memetrain.run_record import (
     ABSENT,
+    ADDED_OPTIONS,
     FREE_TO_CHANGE,
     check_same_config,
     differences,
@@ -79,6 +82,20 @@ def test_an_option_added_since_with_a_null_default_is_the_same():
     assert differences(RECORDED, changed(method__init__text=None)) == []
     assert differences(changed(method__init__text=None), RECORDED) == []
     assert differences(RECORDED, changed(method__init__text="w.safetensors")) != []
+
+
+def test_an_option_added_since_with_another_default_compares_as_what_runs_did_before_it():
+    before = RECORDED  # recorded before data.interpolation existed: its runs resized bilinearly
+    assert differences(before, changed(data__interpolation="bilinear")) == []
+    assert differences(before, changed(data__interpolation="auto")) == [
+        ("data.interpolation", "bilinear", "auto")
+    ]
+    with pytest.raises(
+        ConfigError,
+        match=r"data.interpolation: 'bilinear' \(absent: as before the option\) there, 'auto' now",
+    ):
+        check_same_config(Path("run/config.yaml"), before, changed(data__interpolation="auto"), "")
+    assert ADDED_OPTIONS.keys().isdisjoint(FREE_TO_CHANGE)
 
 
 def test_numbers_equal_as_values_are_the_same():

@@ -38,6 +38,10 @@ def test_run_directory_holds_config_provenance_metrics_and_results(finished_run)
     assert provenance["git"]["revision"] is None or len(provenance["git"]["revision"]) == 40
     assert provenance["weights"] == [], "trained from scratch: no weights file to start from"
     assert provenance["image_preprocessing"]["model.image_encoder"]["mean"] == [0.485, 0.456, 0.406]
+    assert (
+        provenance["image_preprocessing"]["model.image_encoder"]["interpolation"] == "bicubic"
+    )  # resnet18's
+    assert provenance["resize_interpolation"] == "bilinear", "data.interpolation=auto without weights"
     assert provenance["per_process_batch"] == 16 and provenance["accumulation_steps"] == 1
     rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "train/loss" in row] == [2, 4, 6, 8, 10, 12]

@@ -12,7 +12,7 @@ import torch
 from memetrain.errors import ConfigError
 from memetrain.methods import DataInfo, build_method
 from memetrain.models import ImageEncoder
-from memetrain.models.hub import image_preprocessing, pretrained_weights
+from memetrain.models.hub import image_preprocessing, pretrained_weights, resize_interpolation
 from memetrain.models.weights import structure_only
 from tests.hub.hub_cache import put_repo, put_timm
 
@@ -166,3 +166,33 @@ def test_a_model_built_for_its_structure_reads_nothing_yet_keeps_the_statistics(
     with structure_only():  # the cache is empty: any read would fail
         encoder = ImageEncoder("test_resnet", image_size=32, pretrained=True)
     assert encoder.data_config["mean"] == (0.5, 0.5, 0.5) and pretrained_weights(encoder) == []
+
+
+def test_auto_interpolation_is_the_one_the_pretrained_tower_was_trained_with(hub):
+    put_timm(hub.cache, "test_vit.r160_in1k")
+    model = {"image": {"name": "test_vit", "image_size": 32, "pretrained": True}, "text": None}
+    model["head"] = {"kind": "linear"}
+    pretrained = build_method("supervised", {}, model, INFO)
+    assert resize_interpolation("auto", pretrained) == "bicubic"  # test_vit.r160_in1k's pretrained_cfg
+    assert resize_interpolation("nearest", pretrained) == "nearest"  # the run's own choice
+    model["image"]["pretrained"] = None
+    scratch = build_method("supervised", {}, model, INFO)
+    assert scratch.model.image_encoder.data_config["interpolation"] == "bicubic"
+    assert resize_interpolation("auto", scratch) == "bilinear"  # no weights to match
+
+
+def test_towers_whose_weights_disagree_ask_for_one_interpolation(hub):
+    put_timm(hub.cache, "test_resnet.r160_in1k")  # bilinear
+    put_timm(hub.cache, "test_vit.r160_in1k")  # bicubic
+    model = {
+        "cnn": {"name": "test_resnet", "image_size": 32, "pretrained": True},
+        "vit": {"name": "test_vit", "image_size": 32, "pretrained": True},
+    }
+    method = build_method("cass", {"embed_from": "both"}, model, INFO)
+    with pytest.raises(ConfigError) as caught:
+        resize_interpolation("auto", method)
+    assert str(caught.value) == (
+        "data.interpolation=auto: the image towers' weights were trained with different interpolations "
+        "(encoders.cnn: bilinear, encoders.vit: bicubic); set data.interpolation to one"
+    )
+    assert resize_interpolation("bicubic", method) == "bicubic"

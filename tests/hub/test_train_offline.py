@@ -4,6 +4,7 @@ that lacks them: one error line whose fetch_weights command, run where the weigh
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 
@@ -40,6 +41,9 @@ def test_timm_weights_by_name_from_the_cache(hub, synth_shards, tmp_path):
         f"timm test_vit.r160_in1k: weights from {hub.cache}/models--timm--test_vit.r160_in1k/snapshots/"
         in log
     )
+    provenance = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    assert provenance["resize_interpolation"] == "bicubic"  # the weights' own (data.interpolation=auto)
+    assert json.loads((tmp_path / "run" / "model" / "bundle.json").read_text())["interpolation"] == "bicubic"
 
 
 @pytest.mark.slow
@@ -81,6 +85,8 @@ def test_an_open_clip_model_and_tag_from_the_cache(hub, synth_shards, tmp_path):
     assert all(torch.equal(loaded[k], source[k].float()) for k in loaded.keys() - resized)
     log = (tmp_path / "run" / "train.log").read_text()
     assert "open_clip ViT-B-32 openai: weights from" in log and "QuickGELU" in log
+    provenance = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    assert provenance["resize_interpolation"] == "bicubic"  # CLIP's preprocess (data.interpolation=auto)
 
 
 @pytest.mark.slow

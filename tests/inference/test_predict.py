@@ -71,6 +71,7 @@ def test_the_bundle_holds_everything_and_nothing_pickled(bundle):
     assert manifest["head"] == "classifier" and manifest["targets"] == ["hateful"]
     assert manifest["source"]["checkpoint"]["path"] == "checkpoints/step_0000006"
     assert 0 < manifest["thresholds"][0] < 1 and manifest["image_size"] == 32
+    assert manifest["interpolation"] == "bilinear"  # a tower trained from scratch: data.interpolation=auto
 
 
 def test_a_copied_bundle_predicts_a_folder_as_the_run_scored_it(bundle, new_memes, finished_run, tmp_path):
@@ -151,10 +152,12 @@ def test_a_probe_evaluated_run_bundles_its_probe(synth_shards, tmp_path):
     result = run_launcher(
         "train.py", *tiny_run_overrides(synth_shards, run_dir, steps=6), "method=clip", "model=clip_small",
         "eval=probe", "eval.protocols=[linear_probe]", "eval.tsne=false",
+        "data.interpolation=bicubic",  # predict must resize as evaluation did, or the scores differ
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((run_dir / "model" / "bundle.json").read_text())
     assert manifest["head"] == "linear_probe" and (run_dir / "model" / "probe.safetensors").is_file()
+    assert manifest["interpolation"] == "bicubic"
     output = tmp_path / "probe.csv"
     assert (
         run_launcher("predict.py", f"model={run_dir}", f"input={synth_shards}", f"output={output}").returncode
