@@ -9,10 +9,12 @@ Ours, not the paper's: ``variance_weight`` times VICReg's variance hinge on each
 projection (``variance_loss``, :func:`memetrain.losses.agreement.variance_hinge`), since from
 scratch (the paper starts from ImageNet weights) the two networks drift to one constant output;
 ``variance_weight=0`` is the paper's loss.
-Where the public notebook differs we do not follow it: it never zeroes gradients (the engine does),
-it compares the backbones' 1000-class ImageNet logits (we use projection heads to ``proj_dim``), and
-it validates a different network than the one it reports (``embed_from`` says which one ``embed``
-returns).
+What the two networks compare is ``compare``: ``projection`` (ours: a projection head per backbone,
+to ``proj_dim``) or ``classifier``, as the public notebook does (pranavsinghps1/CASS CASS.ipynb
+338-339, 360-364: ``timm.create_model(..., pretrained=True)`` keeps the 1000-class ImageNet
+classifier, and the loss compares those logits; both classifiers train). Where the notebook differs
+we do not follow it: it never zeroes gradients (the engine does), and it validates a different
+network than the one it reports (``embed_from`` says which one ``embed`` returns).
 
     python launcher/train.py method=cass model=cass_small eval=probe data.label_fraction=0.05
     python launcher/train.py method=cass model=cass_base data=hateful_memes data.image_size=384 eval=probe
@@ -95,13 +97,16 @@ class Cass(Method):
     """``model``: ``{cnn: <image encoder options>, vit: <image encoder options>}`` (``configs/model/cass_*.yaml``).
 
     ``embed_from`` picks the features ``embed`` returns (backbone features, before the projection
-    head): ``cnn``, ``vit``, or ``both`` (each L2-normalised, then concatenated, CNN first).
+    head or classifier): ``cnn``, ``vit``, or ``both`` (each L2-normalised, then concatenated, CNN first).
+    ``compare``: ``projection`` or ``classifier`` (the backbones' own classifiers, which must have as
+    many classes; ``proj_dim`` and ``proj_hidden_dim`` are then not used).
     """
 
     name = "cass"
     needs_labels = False
     sync_batchnorm = True  # BYOL's projector normalises over the whole batch
     EMBED_FROM = {"cnn": ("cnn",), "vit": ("vit",), "both": ("cnn", "vit")}
+    COMPARE = ("projection", "classifier")
 
     def __init__(
         self,
@@ -111,6 +116,7 @@ class Cass(Method):
         proj_hidden_dim: int = 512,
         variance_weight: float = 1.0,
         embed_from: str = "cnn",
+        compare: str = "projection",
     ):
         super().__init__()
         configured(model, self.name, required={"cnn", "vit"}, optional=set())
@@ -122,14 +128,33 @@ class Cass(Method):
         if embed_from not in self.EMBED_FROM:
             raise ConfigError(f"method.embed_from={embed_from!r}: choose one of {', '.join(self.EMBED_FROM)}")
         self.embed_from = embed_from
-        self.encoders = nn.ModuleDict({b: image_encoder(model[b], b) for b in ("cnn", "vit")})
-        self.heads = nn.ModuleDict(
-            {b: ProjectionHead(e.out_dim, proj_hidden_dim, proj_dim) for b, e in self.encoders.items()}
-        )
+        if compare not in self.COMPARE:
+            raise ConfigError(f"method.compare={compare!r}: choose one of {', '.join(self.COMPARE)}")
+        self.compare = compare
+        keep = {"keep_classifier": True} if compare == "classifier" else {}
+        self.encoders = nn.ModuleDict({b: image_encoder({**model[b], **keep}, b) for b in ("cnn", "vit")})
+        if compare == "classifier":
+            classes = {b: e.model.num_classes for b, e in self.encoders.items()}
+            if classes["cnn"] != classes["vit"]:
+                raise ConfigError(
+                    f"method.compare=classifier: the classifiers have {classes['cnn']} (model.cnn) and "
+                    f"{classes['vit']} (model.vit) classes; give both networks weights of the same classes"
+                )
+            self.heads = None
+        else:
+            self.heads = nn.ModuleDict(
+                {b: ProjectionHead(e.out_dim, proj_hidden_dim, proj_dim) for b, e in self.encoders.items()}
+            )
+
+    def compared(self, images: Tensor) -> dict[str, Tensor]:
+        """What each network puts forward for the comparison: ``{"cnn": [B, D], "vit": [B, D]}``."""
+        if self.heads is None:
+            return {b: self.encoders[b].logits(images) for b in ("cnn", "vit")}
+        return {b: self.heads[b](self.encoders[b](images)) for b in ("cnn", "vit")}
 
     def training_step(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         images = single_view(batch)  # the same view for both networks
-        z = {b: self.heads[b](self.encoders[b](images)) for b in ("cnn", "vit")}  # each [B, proj_dim]
+        z = self.compared(images)
         report = {f"embedding_std_{b}": embedding_std(z[b]) for b in z}
         valid = valid_rows(batch)  # rows that are not valid count in neither term
         losses = {"agreement_loss": cosine_agreement_loss(z["cnn"], z["vit"], valid)}

@@ -64,7 +64,10 @@ class ImageEncoder(nn.Module):
     without weights, the name's tag (or timm's default tag) gives it. ``image_size`` is passed to models
     with a fixed input size (ViT, Swin; loaded position embeddings are resampled); convolutional nets
     take any size. ``freeze`` stops gradients and keeps the backbone in eval mode (batch-norm
-    statistics fixed), as a linear probe needs.
+    statistics fixed), as a linear probe needs. ``keep_classifier`` keeps timm's classifier (the
+    weights' own, e.g. ImageNet's 1000 classes) for :meth:`logits`; ``forward`` still returns the
+    features before it. Without it the classifier is dropped, and :meth:`dropped_names` says which
+    names of a checkpoint that has one this encoder does not load.
     """
 
     def __init__(
@@ -74,10 +77,12 @@ class ImageEncoder(nn.Module):
         pretrained: bool | str | None = None,
         grad_checkpointing: bool = False,
         freeze: bool = False,
+        keep_classifier: bool = False,
     ):
         super().__init__()
         weights = resolve(name, pretrained)
-        self.model, files = build_backbone(weights, image_size)
+        self.model, files = build_backbone(weights, image_size, keep_classifier)
+        self.keep_classifier = keep_classifier
         self.data_config: dict[str, Any] = timm.data.resolve_model_data_config(self.model)
         self.normalize = ImageNormalizer(self.data_config["mean"], self.data_config["std"])
         if files:
@@ -106,7 +111,28 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         dtype = next(self.model.parameters()).dtype
+        if self.keep_classifier:
+            features = self.model.forward_features(self.normalize(images, dtype))
+            return self.model.forward_head(features, pre_logits=True)  # [B, out_dim]
         return self.model(self.normalize(images, dtype))  # [B, out_dim]
+
+    def logits(self, images: Tensor) -> Tensor:
+        """The kept classifier's outputs, ``[B, num_classes]`` (``keep_classifier=True``)."""
+        if not self.keep_classifier:
+            raise RuntimeError("this ImageEncoder dropped its classifier: build it with keep_classifier=True")
+        dtype = next(self.model.parameters()).dtype
+        return self.model(self.normalize(images, dtype))
+
+    @property
+    def dropped_names(self) -> tuple[str, ...]:
+        """Prefixes of the state-dict names of the classifier this encoder dropped (``model.fc.``),
+        which a checkpoint of an encoder that kept it holds: :func:`load_weights` skips them."""
+        if self.keep_classifier:
+            return ()
+        classifier = self.model.pretrained_cfg.get("classifier") or ()
+        return tuple(
+            f"model.{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier)
+        )
 
     @property
     def has_feature_map(self) -> bool:
@@ -137,17 +163,22 @@ def create_backbone(name: str, image_size: int | None, pretrained: bool | str | 
     return build_backbone(resolve(name, pretrained), image_size)[0]
 
 
-def build_backbone(weights: TimmWeights, image_size: int | None) -> tuple[nn.Module, list[Path]]:
+def build_backbone(
+    weights: TimmWeights, image_size: int | None, keep_classifier: bool = False
+) -> tuple[nn.Module, list[Path]]:
     """The backbone of ``weights`` and the files its weights were read from (none: random init,
-    or models built for their structure only, :func:`memetrain.models.weights.structure_only`)."""
+    or models built for their structure only, :func:`memetrain.models.weights.structure_only`);
+    with ``keep_classifier``, with the weights' classifier (their ``num_classes``, timm's 1000 by default)."""
     reading = reading_weights()
     if weights.from_hub_repo:
         weights.resolve_hub_config(download=True)  # its config.json: architecture and statistics
     kwargs = {}
     if image_size is not None and weights.cfg.get("fixed_input_size"):
         kwargs["img_size"] = image_size
+    classes = weights.cfg.get("num_classes", 1000)
     if not weights.loads or not reading:
-        return timm.create_model(weights.build_name, pretrained=False, num_classes=0, **kwargs), []
+        num_classes = classes if keep_classifier else 0
+        return timm.create_model(weights.build_name, pretrained=False, num_classes=num_classes, **kwargs), []
     files = weights.fetch()
     path = files[-1]
     if weights.local:
@@ -155,16 +186,17 @@ def build_backbone(weights: TimmWeights, image_size: int | None) -> tuple[nn.Mod
         # logged) when num_classes differs from the checkpoint's. So the classifier is dropped here
         # and the state dict handed over in memory with num_classes=0: timm still adapts it
         # (position-embedding resampling for another image size, layout conversions) and loads it strictly.
+        # Kept, the classifier loads strictly with the rest (num_classes is the file's).
         classifier = weights.cfg.get("classifier") or ()
-        heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        overlay = {"state_dict": _read_timm_weights(path, heads), "num_classes": 0}
-        num_classes = 0
+        heads = () if keep_classifier else (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        num_classes = classes if keep_classifier else 0
+        overlay = {"state_dict": _read_timm_weights(path, heads), "num_classes": num_classes}
     else:
         # Hub weights keep their classifier and load strictly into a model with the checkpoint's own
         # classes, after timm's conversions (which may create the classifier, as from open_clip
         # checkpoints); the classifier goes afterwards.
         overlay = {"state_dict": _read_timm_weights(path, ()), "source": ""}
-        num_classes = weights.cfg.get("num_classes", 1000)
+        num_classes = classes
     try:
         model = timm.create_model(
             weights.build_name,
@@ -180,7 +212,7 @@ def build_backbone(weights: TimmWeights, image_size: int | None) -> tuple[nn.Mod
             "the file holds its weights"
         ) from None
     model.pretrained_cfg.pop("state_dict", None)  # a copy of the weights, not to be kept alive
-    if num_classes:
+    if num_classes and not keep_classifier:
         model.reset_classifier(0)
     return model, [path]
 

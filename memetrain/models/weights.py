@@ -8,6 +8,7 @@ are flattened to dotted names, so ``prefix="model."`` selects the model's weight
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from memetrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 EXAMPLES = 3
@@ -62,7 +65,9 @@ def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> None:
     """Load ``path`` into ``module`` strictly; with ``prefix``, only the names under it (prefix removed).
 
     Every parameter and buffer of ``module`` must be in the file with the same shape, and the
-    file must hold nothing else under ``prefix``; otherwise a :class:`ConfigError` says what differs.
+    file must hold nothing else under ``prefix`` (but for the names under the module's
+    ``dropped_names``: an image encoder's classifier that the saved one kept, as CASS comparing
+    classifier outputs does); otherwise a :class:`ConfigError` says what differs.
     """
     if _STRUCTURE_ONLY.get():
         return
@@ -77,6 +82,11 @@ def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> None:
                 f"weights file {path} has no names under prefix {prefix!r}; its top-level prefixes are "
                 f"{_examples(names, 8)}"
             )
+    dropped = tuple(getattr(module, "dropped_names", ()))
+    skipped = sorted(name for name in state if dropped and name.startswith(dropped))
+    if skipped:
+        log.info("%s: not loading %s of %s (this model has no classifier)", path, ", ".join(skipped), prefix)
+        state = {name: value for name, value in state.items() if name not in skipped}
     expected = module.state_dict()
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]

@@ -196,3 +196,12 @@ def test_towers_whose_weights_disagree_ask_for_one_interpolation(hub):
         "(encoders.cnn: bilinear, encoders.vit: bicubic); set data.interpolation to one"
     )
     assert resize_interpolation("bicubic", method) == "bicubic"
+
+
+def test_a_kept_classifier_loads_from_the_hub_with_the_rest(hub):
+    source = put_timm(hub.cache, "test_vit.r160_in1k", seed=5)
+    encoder = ImageEncoder("test_vit", image_size=160, pretrained=True, keep_classifier=True)
+    theirs = source.state_dict()
+    assert encoder.model.state_dict().keys() == theirs.keys()
+    assert torch.equal(encoder.model.head.weight, theirs["head.weight"])
+    assert encoder.model.num_classes == source.num_classes

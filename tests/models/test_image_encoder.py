@@ -79,6 +79,25 @@ def test_local_weights_load_exactly_and_offline(offline, tmp_path, name, size, s
     assert "state_dict" not in encoder.model.pretrained_cfg
 
 
+@pytest.mark.parametrize(("name", "classifier"), [("test_resnet", "fc"), ("test_vit", "head")])
+def test_a_kept_classifier_loads_from_a_local_file_with_the_rest(offline, tmp_path, name, classifier):
+    torch.manual_seed(1)
+    sized = {"img_size": 32} if "vit" in name else {}
+    state = timm.create_model(name, pretrained=False, **sized).state_dict()  # 1000 ImageNet classes
+    save_file(state, tmp_path / "weights.safetensors")
+    torch.manual_seed(2)
+    encoder = ImageEncoder(
+        name, image_size=32, pretrained=str(tmp_path / "weights.safetensors"), keep_classifier=True
+    )
+    loaded = encoder.model.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert encoder.dropped_names == () and f"{classifier}.weight" in loaded
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert encoder.logits(images).shape == (2, 1000)
+        assert encoder(images).shape == (2, encoder.out_dim)
+
+
 def test_vit_weights_are_resampled_to_another_image_size(offline, tmp_path):
     source = timm.create_model("vit_tiny_patch16_224", num_classes=0)
     save_file(source.state_dict(), tmp_path / "vit.safetensors")
