@@ -7,13 +7,15 @@
   gradient, as the SemiMemes, CMML and TIB-VA code use it), ``sgd`` (momentum ``trainer.momentum``,
   default 0.9: DINO's ResNet-50 recipe); DeepSpeed's FusedAdam when the trainer asks for it. A
   trainer config without ``optimizer`` trains with AdamW (configs/trainer/*.yaml do not name it yet).
-- :func:`lr_at`: the learning rate at a step, a pure function of the step (``trainer.lr_schedule``).
+- :func:`lr_at`: the learning rate at a step, a pure function of the step (``trainer.lr_schedule``)
+  and, for ``plateau`` (:class:`Plateau`), of how often the dev metric has stopped improving.
 - :func:`clip_global_norm` and :func:`clip_per_parameter`: the engine's clipping, and DINO's
   (``utils.clip_gradients``: every parameter's gradient clipped to the norm on its own).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -25,7 +27,7 @@ from memetrain.engine.schedules import warmup_cosine
 from memetrain.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("warmup_cosine", "warmup_linear", "step", "multistep", "cosine_annealing", "constant")
+SCHEDULES = ("warmup_cosine", "warmup_linear", "step", "multistep", "cosine_annealing", "constant", "plateau")
 
 
 # A parameter group with this key set decays by the trainer's schedule (trainer.weight_decay ->
@@ -87,7 +89,7 @@ def build_optimizer(groups: list[dict], trainer, device: torch.device) -> torch.
 # -- learning-rate schedules: pure functions of the step ----------------------------------------
 
 
-def lr_at(step: int, total_steps: int, trainer: Mapping[str, Any]) -> float:
+def lr_at(step: int, total_steps: int, trainer: Mapping[str, Any], reductions: int = 0) -> float:
     """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``, as
     ``trainer.lr_schedule`` says (a trainer config without the key: ``warmup_cosine``):
 
@@ -102,7 +104,10 @@ def lr_at(step: int, total_steps: int, trainer: Mapping[str, Any]) -> float:
       ``2 t_max`` steps (the CASS code's T_max=16 stepped per batch);
     - ``warmup_linear``: linear warmup from 0 over ``warmup_steps``, then linearly down to 0 at
       ``total_steps`` (MMF's ``warmup_linear``, transformers' ``get_linear_schedule_with_warmup``);
-    - ``constant``: ``lr``.
+    - ``constant``: ``lr``;
+    - ``plateau``: ``max(lr x factor ** reductions, min_lr)``, where ``reductions`` counts the times
+      the dev ``metric`` stopped improving (:func:`plateau_update`; torch's ReduceLROnPlateau, which
+      the simple CLIP of the CASS study steps once an epoch on its validation loss).
     """
     schedule = trainer.get("lr_schedule") or {"kind": "warmup_cosine"}
     kind, lr = schedule.get("kind", "warmup_cosine"), trainer["lr"]
@@ -123,7 +128,53 @@ def lr_at(step: int, total_steps: int, trainer: Mapping[str, Any]) -> float:
         return floor + (lr - floor) * (1 + math.cos(math.pi * step / t_max)) / 2
     if kind == "constant":
         return lr
+    if kind == "plateau":
+        return max(lr * Plateau.of(schedule).factor ** reductions, trainer["min_lr"])
     raise ConfigError(f"trainer.lr_schedule.kind={kind!r}: choose one of {', '.join(SCHEDULES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plateau:
+    """``trainer.lr_schedule={kind: plateau, ...}``: torch's ReduceLROnPlateau over validations
+    (``trainer.val_every``) instead of epochs, with its defaults: the rate is multiplied by
+    ``factor`` once ``metric`` has not improved (by more than ``threshold``, relative) for more than
+    ``patience`` validations in a row; the count then starts again. A metric named ``*loss``
+    improves downwards, any other upwards."""
+
+    metric: str = "loss"
+    patience: int = 10
+    factor: float = 0.1
+    threshold: float = 1e-4
+
+    @classmethod
+    def of(cls, schedule: Mapping[str, Any]) -> Plateau:
+        unknown = sorted(set(schedule) - {"kind", *(f.name for f in dataclasses.fields(cls))})
+        if unknown:
+            raise ConfigError(
+                f"trainer.lr_schedule has {', '.join(unknown)}, which plateau does not take "
+                "(metric, patience, factor, threshold)"
+            )
+        plateau = cls(**{k: v for k, v in schedule.items() if k != "kind"})
+        if (
+            isinstance(plateau.patience, bool)
+            or not isinstance(plateau.patience, int)
+            or plateau.patience < 0
+        ):
+            raise ConfigError(f"trainer.lr_schedule.patience={plateau.patience!r}: give a whole number >= 0")
+        if not 0 < plateau.factor < 1:
+            raise ConfigError(f"trainer.lr_schedule.factor={plateau.factor!r}: give a number between 0 and 1")
+        return plateau
+
+    def update(self, value: float, best: float | None, bad: int) -> tuple[float | None, int, bool]:
+        """After a validation with ``value`` of the metric: the new ``(best, bad validations, reduce)``."""
+        lower = self.metric.endswith("loss")
+        if best is None or (
+            value < best * (1 - self.threshold) if lower else value > best * (1 + self.threshold)
+        ):
+            return value, 0, False
+        if bad + 1 > self.patience:
+            return best, 0, True
+        return best, bad + 1, False
 
 
 def _positive(schedule: Mapping[str, Any], key: str) -> int:

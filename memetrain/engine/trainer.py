@@ -33,7 +33,7 @@ from memetrain.data.stream import MemeStream
 from memetrain.engine.checkpoint import Checkpointer
 from memetrain.engine.distributed import broadcast_from_rank0, running_statistics
 from memetrain.engine.logger import RunLogger
-from memetrain.engine.optim import SCHEDULED_DECAY, lr_at
+from memetrain.engine.optim import SCHEDULED_DECAY, Plateau, lr_at
 from memetrain.engine.schedules import cosine
 from memetrain.engine.stopping import StopSignals
 from memetrain.engine.zero import edits_reach_master_copies
@@ -124,6 +124,9 @@ class TrainState:
     best_value: float | None = None
     validations_since_best: int = 0  # early stopping's count, kept across a requeue
     stopped_early: bool = False
+    plateau_best: float | None = None  # lr_schedule kind plateau: its metric's best, its count of
+    plateau_bad: int = 0  # validations without improvement, and how often it lowered the rate
+    lr_reductions: int = 0
 
 
 def per_process_batch(global_batch_size: int, batch_size: int, world_size: int) -> int:
@@ -171,6 +174,13 @@ class Trainer:
         # and every micro-batch would then all-reduce (no_sync lost) from the first step on.
         self.method: Method = accelerator.unwrap_model(model, keep_torch_compile=False)
         self.stream, self.validation, self.checkpointer = stream, validation, checkpointer
+        if (settings.lr_schedule or {}).get("kind") == "plateau":
+            Plateau.of(settings.lr_schedule)  # its options are checked before the first step
+            if validation is None:
+                raise ConfigError(
+                    "trainer.lr_schedule kind plateau lowers the rate when a dev metric stops improving, but "
+                    "this run validates nothing: give it a dev split (data.dev_split or data.dev_from_train)"
+                )
         self.config_yaml = config_yaml
         # Which groups follow the decay schedule, read before a resume replaces the groups with the
         # checkpoint's (older checkpoints lack the key); a group's current decay says nothing: a
@@ -381,7 +391,7 @@ class Trainer:
             "warmup_steps": s.warmup_steps,
             "lr_schedule": s.lr_schedule,
         }
-        lr = lr_at(step, s.max_steps, schedule)
+        lr = lr_at(step, s.max_steps, schedule, self.state.lr_reductions)
         weight_decay = cosine(step, s.max_steps, s.weight_decay, s.weight_decay_end)
         for group, scheduled in zip(self.optimizer.param_groups, self.scheduled_decay, strict=True):
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -463,6 +473,7 @@ class Trainer:
         self._broadcast_buffers()
         metrics = self.validation(self.method, self.accelerator)
         self.logger.scalars(self.state.step, {f"val/{k}": v for k, v in metrics.items()})
+        self._lower_rate_on_plateau(metrics)
         metric, state = self.s.keep_best, self.state
         if metric is None:
             return False
@@ -484,6 +495,29 @@ class Trainer:
                     state.step, metric, state.best_value, state.best_step, patience,
                 )  # fmt: skip
         return False
+
+    def _lower_rate_on_plateau(self, metrics: dict[str, float]) -> None:
+        """``lr_schedule`` kind ``plateau``: count this validation in; the next step's rate is lower
+        once the metric has stopped improving (every rank has the same metrics, so the same rate)."""
+        if (self.s.lr_schedule or {}).get("kind") != "plateau":
+            return
+        plateau, state = Plateau.of(self.s.lr_schedule), self.state
+        if plateau.metric not in metrics:
+            raise ConfigError(
+                f"trainer.lr_schedule.metric={plateau.metric}: validation of {self.method.name} reports "
+                f"{', '.join(sorted(metrics))}; choose one of them"
+            )
+        state.plateau_best, state.plateau_bad, lower = plateau.update(
+            metrics[plateau.metric], state.plateau_best, state.plateau_bad
+        )
+        if lower:
+            state.lr_reductions += 1
+            if self.accelerator.is_main_process:
+                log.info(
+                    "step %d: dev %s has not improved on %.4f for %d validations: learning rate x %g (%d times)",
+                    state.step, plateau.metric, state.plateau_best, plateau.patience + 1, plateau.factor,
+                    state.lr_reductions,
+                )  # fmt: skip
 
     def _log_inputs(self, batch: dict[str, Any]) -> None:
         """The first training images (or first view) in TensorBoard: what the model really sees."""

@@ -46,6 +46,7 @@ def build(
     method_cls=Supervised,
     precision="no",
     optimizer=None,
+    validation=None,
     **trainer,
 ):
     torch.manual_seed(0)
@@ -70,6 +71,7 @@ def build(
         stream,
         checkpointer,
         "x: 1\n",
+        validation,
     )
 
 
