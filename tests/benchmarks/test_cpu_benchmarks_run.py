@@ -13,7 +13,10 @@ from tests.helpers import REPO
 pytestmark = pytest.mark.slow
 
 SCRIPTS = {
-    "data_pipeline.py": ([], "| MemeStream: Resize(224) + tokens, 2 worker threads |"),
+    "data_pipeline.py": (
+        [],
+        "| baseline C: WebDataset with MemeStream's decode (decode_rgb + Resize, uint8), 2 workers |",
+    ),
     "train_step.py": (
         ["--cases", "clip_small"],
         "| CLIP, ResNet-18 + 2-layer transformer, 64 px, batch 32 |",
