@@ -22,7 +22,7 @@ fi
 
 mkdir -p "$STATE"/{log,munge,ctld,spool,mysql-run}
 chmod 700 "$STATE/munge"
-CPUS=$(nproc)
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc counts OMP_NUM_THREADS=1 (a test worker's) as one CPU
 MEMORY_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 export SLURM_CONF="$STATE/slurm.conf"
 

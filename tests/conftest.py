@@ -156,9 +156,9 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with the most slow tests first, so that under xdist the fast ones fill the workers'
-    last minutes (the scheduler hands files out in this order); and every test that starts the
-    Slurm cluster is in SLURM_CLUSTER_FILES."""
+    """The Slurm cluster's files first (one scope, the longest), then the files with the most slow
+    tests, so that under xdist the fast ones fill the workers' last minutes (the scheduler hands
+    files out in this order); and every test that starts the cluster is in SLURM_CLUSTER_FILES."""
     stray = [item.nodeid for item in items if "slurm_cluster" in getattr(item, "fixturenames", ())
              and item.nodeid.split("::")[0] not in SLURM_CLUSTER_FILES]  # fmt: skip
     if stray:
@@ -166,4 +166,10 @@ def pytest_collection_modifyitems(config, items):
     slow = collections.Counter(
         item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")
     )
-    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
+    first = len(items) + 1  # above any file's count
+
+    def weight(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return first if path in SLURM_CLUSTER_FILES else slow[path]
+
+    items.sort(key=lambda item: -weight(item))
