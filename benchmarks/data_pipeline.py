@@ -162,21 +162,18 @@ class Tokenize:
         return torch.from_numpy(ids[0])
 
 
-def make_baseline_a(urls: list[str], args: argparse.Namespace, encoder: TextEncoder) -> DataLoader:
-    """open_clip's ``get_wds_dataset`` (without resampling) over the same shards."""
-    transform = T.Compose(
-        [
-            T.RandomResizedCrop(args.image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.ToTensor(),
-            T.Normalize(CLIP_MEAN, CLIP_STD),
-        ]
-    )
+def webdataset_loader(
+    urls: list[str], args: argparse.Namespace, encoder: TextEncoder, decode, transform
+) -> DataLoader:
+    """open_clip's ``get_wds_dataset`` (without resampling) over the same shards, with ``decode``
+    (webdataset's decode stage) and ``transform`` (each image), the same tokenizer per caption,
+    ``wds.batched`` collating, and the same (persistent) workers."""
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_worker,
         wds.tarfile_to_samples(),
         wds.shuffle(1000),
-        wds.decode("pilrgb"),
+        decode,
         wds.to_tuple("jpg", "txt", "cls"),
         wds.map_tuple(transform, Tokenize(encoder), int),
         wds.batched(args.batch_size, partial=True),
@@ -190,8 +187,16 @@ def make_baseline_a(urls: list[str], args: argparse.Namespace, encoder: TextEnco
     )
 
 
-def baseline_a_epoch(loader: DataLoader) -> int:
-    return sum(len(labels) for _, _, labels in loader)
+def make_baseline_a(urls: list[str], args: argparse.Namespace, encoder: TextEncoder) -> DataLoader:
+    """open_clip's pipeline as it is: PIL decode, bicubic random resized crop, float32 normalised."""
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(args.image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
+    return webdataset_loader(urls, args, encoder, wds.decode("pilrgb"), transform)
 
 
 class DecodeView:
@@ -205,25 +210,13 @@ class DecodeView:
 
 
 def make_baseline_c(urls: list[str], args: argparse.Namespace, encoder: TextEncoder) -> DataLoader:
-    """Baseline A's pipeline with MemeStream's decoder, view and output (uint8 images, normalised
-    on the device; the same tokenizer per caption; ``wds.batched`` collates into tensors)."""
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(urls),
-        wds.split_by_worker,
-        wds.tarfile_to_samples(),
-        wds.shuffle(1000),
-        wds.decode(),  # text and labels only: no image handler, the JPEG bytes go to DecodeView
-        wds.to_tuple("jpg", "txt", "cls"),
-        wds.map_tuple(DecodeView(args.image_size), Tokenize(encoder), int),
-        wds.batched(args.batch_size, partial=True),
-    )
-    return DataLoader(
-        pipeline,
-        batch_size=None,
-        shuffle=False,
-        num_workers=args.workers,
-        persistent_workers=args.workers > 0,
-    )
+    """The same pipeline with MemeStream's decoder, view and output (uint8 images, normalised on the
+    device); ``wds.decode()`` without an image handler turns only the text and label into values."""
+    return webdataset_loader(urls, args, encoder, wds.decode(), DecodeView(args.image_size))
+
+
+def webdataset_epoch(loader: DataLoader) -> int:
+    return sum(len(labels) for _, _, labels in loader)
 
 
 # 5. baseline B: the decode limit -------------------------------------------------------------
@@ -352,8 +345,8 @@ def bench_streams(shards: Path, shard_paths: list[Path], args: argparse.Namespac
             rates = {
                 "stream": timed(stream_epoch, stream),
                 "processes": timed(stream_epoch, processes),
-                "a": timed(baseline_a_epoch, loader),
-                "c": timed(baseline_a_epoch, same_decoder),
+                "a": timed(webdataset_epoch, loader),
+                "c": timed(webdataset_epoch, same_decoder),
                 "b": timed(decode_pass, pool, len(images), args.workers),
                 "b_cache": timed(decode_pass, pool, len(images), args.workers, _decode_range_in_cache),
             }
