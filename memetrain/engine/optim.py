@@ -27,6 +27,7 @@ from memetrain.engine.schedules import warmup_cosine
 from memetrain.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+LOWER_IS_BETTER_SUFFIX = "loss"  # a dev metric named *loss improves downwards, every other upwards
 SCHEDULES = ("warmup_cosine", "warmup_linear", "step", "multistep", "cosine_annealing", "constant", "plateau")
 
 
@@ -106,7 +107,7 @@ def lr_at(step: int, total_steps: int, trainer: Mapping[str, Any], reductions: i
       ``total_steps`` (MMF's ``warmup_linear``, transformers' ``get_linear_schedule_with_warmup``);
     - ``constant``: ``lr``;
     - ``plateau``: ``max(lr x factor ** reductions, min_lr)``, where ``reductions`` counts the times
-      the dev ``metric`` stopped improving (:func:`plateau_update`; torch's ReduceLROnPlateau, which
+      the dev ``metric`` stopped improving (:meth:`Plateau.update`; torch's ReduceLROnPlateau, which
       the simple CLIP of the CASS study steps once an epoch on its validation loss).
     """
     schedule = trainer.get("lr_schedule") or {"kind": "warmup_cosine"}
@@ -138,8 +139,8 @@ class Plateau:
     """``trainer.lr_schedule={kind: plateau, ...}``: torch's ReduceLROnPlateau over validations
     (``trainer.val_every``) instead of epochs, with its defaults: the rate is multiplied by
     ``factor`` once ``metric`` has not improved (by more than ``threshold``, relative) for more than
-    ``patience`` validations in a row; the count then starts again. A metric named ``*loss``
-    improves downwards, any other upwards."""
+    ``patience`` validations in a row; the count then starts again. A metric improves as
+    ``trainer.keep_best`` reads it: downwards if named ``*loss``, upwards otherwise."""
 
     metric: str = "loss"
     patience: int = 10
@@ -167,7 +168,7 @@ class Plateau:
 
     def update(self, value: float, best: float | None, bad: int) -> tuple[float | None, int, bool]:
         """After a validation with ``value`` of the metric: the new ``(best, bad validations, reduce)``."""
-        lower = self.metric.endswith("loss")
+        lower = self.metric.endswith(LOWER_IS_BETTER_SUFFIX)
         if best is None or (
             value < best * (1 - self.threshold) if lower else value > best * (1 + self.threshold)
         ):

@@ -25,13 +25,12 @@ from accelerate import Accelerator
 
 from memetrain.data.stream import MemeStream
 from memetrain.engine.distributed import training_autocast
+from memetrain.engine.optim import LOWER_IS_BETTER_SUFFIX
 from memetrain.eval.metrics import binary_metrics, multilabel_metrics
 from memetrain.eval.probe import knn_scores, linear_probe
 from memetrain.eval.protocols import collect
 
 MONITORS = ("knn", "linear_probe")
-
-LOWER_IS_BETTER_SUFFIX = "loss"  # a metric named *loss improves downwards, every other upwards
 
 
 def improves(metric: str, value: float, best: float | None, min_delta: float) -> bool:
