@@ -103,7 +103,7 @@ def test_default_schedule_is_the_engines_warmup_cosine():
 
 def test_bad_schedule_is_a_config_error():
     with pytest.raises(ConfigError, match="lr_schedule.kind"):
-        lr_at(0, 10, {**TRAINER, "lr_schedule": {"kind": "plateau"}})
+        lr_at(0, 10, {**TRAINER, "lr_schedule": {"kind": "reduce_on_plateau"}})  # torch's; ours: plateau
     with pytest.raises(ConfigError, match="step_every"):
         lr_at(0, 10, {**TRAINER, "lr_schedule": {"kind": "step", "gamma": 0.9}})
 
