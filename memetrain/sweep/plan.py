@@ -22,7 +22,7 @@ from memetrain.sweep.grid import AFTER, PRETRAIN, fill_weights
 
 TRAINER_KEYS = (
     "optimizer", "lr", "min_lr", "warmup_steps", "lr_schedule", "weight_decay", "weight_decay_end",
-    "betas", "eps", "momentum", "grad_clip", "max_steps", "global_batch_size", "precision",
+    "betas", "eps", "momentum", "grad_clip", "max_steps", "global_batch_size", "precision", "val_every",
 )  # fmt: skip
 DATA_KEYS = (
     "batch_size",
