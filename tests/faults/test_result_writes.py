@@ -119,8 +119,8 @@ def test_a_writer_killed_mid_write_leaves_no_results_json_and_the_job_is_listed(
 def bundle_contents() -> BundleContents:
     return BundleContents(
         method="supervised", method_options={}, model={}, label_names=["label"], main_label="label",
-        vocab_size=50, pad_id=0, image_size=32, max_length=8, clean_text=True, head=None, targets=[],
-        thresholds=[], source={},
+        vocab_size=50, pad_id=0, image_size=32, interpolation="bilinear", max_length=8, clean_text=True,
+        head=None, targets=[], thresholds=[], source={},
     )  # fmt: skip
 
 
