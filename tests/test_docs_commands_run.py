@@ -186,6 +186,8 @@ def localised(
                 value = str(local) + value[len(documented) :].replace("/TRAINING", "")
         if key in ("model",) and command.launcher in ("predict", "export"):
             value = str(finished_run)
+            if command.launcher == "export":  # it writes beside the bundle: a copy, not the session's
+                value = str(shutil.copytree(finished_run / "model", out / "bundle"))
         elif key in ("input", "shards", "check_input") and value.startswith("shards/"):
             value = str(
                 packs[next((name for name in ("hateful_memes", "synth_hard") if name in value), "synth")]
